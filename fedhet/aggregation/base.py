@@ -1,0 +1,45 @@
+"""The accumulator protocol that every aggregation rule implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from fedhet.core.messages import ClientResult, ClientTask
+
+
+class Accumulator(ABC):
+    """Folds client results into an aggregate.
+
+    ``add`` and ``merge`` must give the same aggregate whatever the grouping of clients into partial
+    accumulators; sums are kept in float64 so the float32 result does not depend on that grouping.
+    """
+
+    @abstractmethod
+    def add(self, cid: int, task: ClientTask, result: ClientResult) -> None: ...
+
+    @abstractmethod
+    def merge(self, other: Accumulator) -> None: ...
+
+    def empty(self) -> Accumulator:
+        """A fresh accumulator of the same kind and settings (what a worker starts from)."""
+        return type(self)()
+
+
+class Collect(Accumulator):
+    """Keeps every result; for rules that need all of them at once (median, clustering, ...)."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, ClientResult] = {}
+        self.tasks: dict[int, ClientTask] = {}
+
+    def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
+        self.results[cid] = result
+        self.tasks[cid] = task
+
+    def merge(self, other: Accumulator) -> None:
+        assert isinstance(other, Collect)
+        self.results.update(other.results)
+        self.tasks.update(other.tasks)
+
+    def ordered(self) -> list[tuple[int, ClientResult]]:
+        return sorted(self.results.items())

@@ -1,0 +1,83 @@
+"""Weighted mean of client parameters (FedAvg's aggregation)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedhet.aggregation.base import Accumulator
+from fedhet.core.messages import ClientResult, ClientTask
+from fedhet.core.types import Params
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+class WeightedSum(Accumulator):
+    """Σ_k w_k θ_k and Σ_k w_k, in float64; ``w_k`` = the client's example count, or 1 (``uniform``)."""
+
+    def __init__(self, weighting: str = "examples") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: got {weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
+        self.weighting = weighting
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def empty(self) -> WeightedSum:
+        return WeightedSum(self.weighting)
+
+    def add_params(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
+        for name, value in params.items():
+            contrib = value.detach().to(device="cpu", dtype=torch.float64) * weight
+            if name in self.sums:
+                self.sums[name] += contrib
+            else:
+                self.sums[name] = contrib
+        self.total += weight
+        self.count += 1
+
+    def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
+        weight = float(result.num_examples) if self.weighting == "examples" else 1.0
+        self.add_params(result.params, weight)
+
+    def merge(self, other: Accumulator) -> None:
+        assert isinstance(other, WeightedSum) and other.weighting == self.weighting
+        for name, value in other.sums.items():
+            if name in self.sums:
+                self.sums[name] += value
+            else:
+                self.sums[name] = value.clone()
+        self.total += other.total
+        self.count += other.count
+
+    def mean(self, reference: Mapping[str, torch.Tensor]) -> Params:
+        """The weighted mean, cast to each reference tensor's dtype and device.
+
+        Entries no client sent, and everything when the total weight is 0, keep the reference value.
+        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are rounded.
+        """
+        out: Params = {}
+        for name, ref in reference.items():
+            if name not in self.sums or self.total <= 0:
+                out[name] = ref.detach().clone()
+                continue
+            avg = self.sums[name] / self.total
+            if not ref.is_floating_point():
+                avg = torch.round(avg)
+            out[name] = avg.to(dtype=ref.dtype, device=ref.device)
+        return out
+
+
+def weighted_mean(params: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Params:
+    """Σ_k w_k θ_k / Σ_k w_k for every tensor name of ``params[0]``."""
+    if len(params) != len(weights):
+        raise ValueError(f"weighted_mean: {len(params)} parameter sets but {len(weights)} weights")
+    if not params:
+        raise ValueError("weighted_mean: no parameter sets to average")
+    acc = WeightedSum()
+    for p, w in zip(params, weights, strict=True):
+        if w < 0:
+            raise ValueError(f"weighted_mean: weight {w!r} is negative; allowed: weights >= 0")
+        acc.add_params(p, float(w))
+    return acc.mean(params[0])

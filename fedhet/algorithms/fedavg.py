@@ -1,0 +1,136 @@
+"""FedAvg, and the server-optimizer family on top of it (FedAvgM, FedAdam, FedYogi, FedAdagrad).
+
+Paper: McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS 2017 (https://arxiv.org/abs/1602.05629). Server
+optimizers: Reddi et al., "Adaptive Federated Optimization", ICLR 2021
+(https://arxiv.org/abs/2003.00295).
+
+Every selected client trains the global model for E local epochs with SGD; the server averages the
+returned models weighted by example count and treats θ − avg as a pseudo-gradient for its server
+optimizer (``server``; plain FedAvg is SGD with lr 1, i.e. θ ← avg). The other algorithms of the
+FedAvg family subclass this one and change only a loss term or the server update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.mean import WEIGHTINGS, WeightedSum
+from fedhet.algorithms import register
+from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, model_params
+from fedhet.core.context import ClientContext
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
+from fedhet.core.types import Config, Metrics, Params
+from fedhet.server_opt import GradientTransformation, fedavg as sgd_preset
+from fedhet.training.local import LossTerm, train
+
+
+@dataclass
+class ServerState:
+    """Global model, server-optimizer state, and the static facts the server steps need."""
+
+    params: Params
+    opt_state: Any
+    trainable: frozenset[str]
+    model_config: dict[str, Any]
+
+
+def server_step(
+    opt: GradientTransformation[Any], state: Any, params: Params, target: Params, trainable: frozenset[str]
+) -> tuple[Params, Any]:
+    """Move ``params`` towards ``target`` with the server optimizer.
+
+    The pseudo-gradient is g = θ − target on the trainable tensors; the optimizer maps it to an
+    update u and θ_new = target + (g + u), which equals θ + u up to one rounding and is exactly
+    ``target`` for plain averaging (u = −g). Buffers (BatchNorm statistics) take ``target``.
+    """
+    names = [n for n in trainable if n in target and target[n].is_floating_point()]
+    grads = {n: params[n] - target[n] for n in names}
+    updates, new_state = opt.update(grads, state, {n: params[n] for n in names})
+    out = {n: t.clone() for n, t in target.items()}
+    for n in names:
+        out[n] = target[n] + (grads[n] + updates[n])
+    return out, new_state
+
+
+@register("fedavg")
+@dataclass(frozen=True, kw_only=True)
+class FedAvg(Algorithm[ServerState]):
+    """Federated averaging with a composable server optimizer.
+
+    Attributes:
+        server: server optimizer applied to the pseudo-gradient θ − avg (default SGD, lr 1).
+        weighting: client weights in the average: ``examples`` (n_k, as in the paper) or ``uniform``.
+    """
+
+    server: GradientTransformation[Any] = field(default_factory=sgd_preset)
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"algorithm.weighting: got {self.weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
+
+    # -- server -----------------------------------------------------------------------------------
+    def init(self, setup: ServerSetup) -> ServerState:
+        trainable = frozenset(n for n in setup.trainable if setup.params[n].is_floating_point())
+        return ServerState(
+            params={k: v.clone() for k, v in setup.params.items()},
+            opt_state=self.server.init({n: setup.params[n] for n in trainable}),
+            trainable=trainable,
+            model_config=dict(setup.global_size.as_config()),
+        )
+
+    def configure(self, state: ServerState, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
+        return {c.id: ClientTask(round=rnd, params=state.params, config=state.model_config) for c in clients}
+
+    def accumulator(self, state: ServerState, rnd: int) -> Accumulator:
+        return WeightedSum(self.weighting)
+
+    def aggregate(self, state: ServerState, rnd: int, acc: Accumulator) -> tuple[ServerState, Metrics]:
+        assert isinstance(acc, WeightedSum)
+        if acc.count == 0:
+            return state, {"aggregated_clients": 0.0}
+        target, state = self.server_target(state, acc)
+        params, opt_state = server_step(self.server, state.opt_state, state.params, target, state.trainable)
+        return replace(state, params=params, opt_state=opt_state), {"aggregated_clients": float(acc.count)}
+
+    def server_target(self, state: ServerState, acc: WeightedSum) -> tuple[Params, ServerState]:
+        """The point the server optimizer moves towards (FedAvg: the weighted mean), and the state
+        with any other server-side quantities of the round updated."""
+        return acc.mean(state.params), state
+
+    def eval_targets(self, state: ServerState) -> dict[str, tuple[Params, Config]]:
+        return {"global": (state.params, state.model_config)}
+
+    # -- client -----------------------------------------------------------------------------------
+    def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
+        model = ctx.build_model(task.config)
+        load_params(model, task.params)
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        stats = train(
+            model,
+            ctx.train,
+            self.local,
+            ctx.generator,
+            rnd=task.round,
+            device=ctx.device,
+            terms=self.loss_terms(task, ctx, anchor),
+            transform=ctx.transform,
+        )
+        self.after_local(task, ctx, model, anchor)
+        return ClientResult(params=model_params(model), num_examples=len(ctx.train), metrics=stats.as_metrics())
+
+    def loss_terms(self, task: ClientTask, ctx: ClientContext, anchor: Mapping[str, torch.Tensor]) -> list[LossTerm]:
+        """Extra terms of the local objective (none for FedAvg). ``anchor``: the received θ_g."""
+        return []
+
+    def after_local(
+        self, task: ClientTask, ctx: ClientContext, model: nn.Module, anchor: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Client-side bookkeeping after local training (none for FedAvg)."""

@@ -1,0 +1,212 @@
+"""``fedhet run | compare | list | describe | report``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedhet.experiment.config import ConfigError
+
+
+def _run_dir(base: str, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / f"{name}-{stamp}"
+    i = 1
+    while path.exists():
+        path = Path(base) / f"{name}-{stamp}-{i}"
+        i += 1
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedhet.experiment.build import build_run
+    from fedhet.experiment.config import dump_config, load_config
+    from fedhet.simulation.loop import run_rounds
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"--resume: {str(run_dir)!r} has no config.yaml; allowed: a run directory fedhet wrote")
+        old = yaml.safe_load(saved.read_text())
+        new = cfg.model_dump(mode="json")
+        for section in ("runtime", "logging"):
+            old.pop(section, None)
+            new.pop(section, None)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"--resume: the config differs from the run's saved config in: {', '.join(diff)}")
+    else:
+        run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    run = build_run(cfg, run_dir)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    print(run.world.dataset.summary(), file=sys.stderr)
+    try:
+        result = run_rounds(run, resume=bool(args.resume))
+    finally:
+        run.executor.close()
+    last = result.history[-1] if result.history else {}
+    shown = {k: v for k, v in last.items() if k.startswith(("eval/", "clients/accuracy")) and v is not None}
+    print("final: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedhet.experiment.compare import load_comparison, run_comparison
+    from fedhet.experiment.report import print_table
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    cmp = load_comparison(args.config, overrides)
+    out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
+    print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
+    rows = run_comparison(cmp, out, progress=args.progress)
+    print_table(cmp.name, rows)
+    print(f"report: {out / 'report.md'}  plot: {out / 'accuracy.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedhet.experiment.report import print_table, report_from_dirs
+
+    out = Path(args.out)
+    rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title)
+    print_table(args.title, rows)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _catalog() -> dict[str, dict[str, Any]]:
+    from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
+    from fedhet.devices.fleet import POLICIES
+
+    return {
+        "algorithms": dict(ALGORITHMS.items()),
+        "models": dict(MODELS.items()),
+        "datasets": dict(DATASETS.items()),
+        "partitioners": dict(PARTITIONERS.items()),
+        "server optimizers": dict(SERVER_OPTIMIZERS.items()),
+        "device policies": {p: None for p in POLICIES},
+    }
+
+
+def _first_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for kind, entries in _catalog().items():
+        print(f"{kind}:")
+        for name, obj in entries.items():
+            line = _first_line(inspect.getmodule(obj) if kind == "algorithms" else obj) if obj is not None else ""
+            print(f"  {name:<14} {line}")
+    return 0
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Docs of dataclass fields from ``Attributes:`` sections in the class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        text = inspect.getdoc(klass) or ""
+        for m in re.finditer(r"^[ \t]*(\w+):[ \t]*(.+)$", text, re.MULTILINE):
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    name = args.name
+    for kind, entries in _catalog().items():
+        if name not in entries:
+            continue
+        obj = entries[name]
+        print(f"{name} ({kind[:-1]})")
+        if kind == "algorithms":
+            print(inspect.getdoc(inspect.getmodule(obj)) or "")
+            docs = _attribute_docs(obj)
+            print("\nfields (set under `algorithm:`; local training under `local:`, server optimizer under `server:`):")
+            for f in dataclasses.fields(obj):
+                default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+                print(f"  {f.name} = {default!r}    {docs.get(f.name, '')}")
+        elif obj is not None:
+            print(inspect.getdoc(obj) or "")
+            try:
+                params = [p for p in inspect.signature(obj).parameters.values() if p.kind == p.KEYWORD_ONLY]
+                if params:
+                    print("\noptions:")
+                    for p in params:
+                        print(f"  {p.name} = {p.default!r}")
+            except (TypeError, ValueError):
+                pass
+        else:
+            from fedhet.devices import fleet
+
+            print(inspect.getdoc(fleet) or "")
+        return 0
+    names = sorted(n for entries in _catalog().values() for n in entries)
+    print(f"fedhet describe: unknown name {name!r}; allowed: {', '.join(names)}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedhet", description="Federated learning over heterogeneous devices.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one experiment from a YAML config")
+    r.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.mu=0.1")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    r.add_argument("--run-dir", help="where to write metrics and checkpoints (default: logging.dir/NAME-TIME)")
+    r.add_argument("--device", help="cpu, cuda, cuda:N or auto (same as runtime.device=...)")
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("compare", help="run a comparison (a base config and named variants)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to the base")
+    c.add_argument("--out", help="output folder (default: runs/NAME-TIME)")
+    c.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    c.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default=None)
+    c.set_defaults(func=cmd_compare)
+    sub.add_parser("list", help="algorithms, models, datasets, partitioners, server optimizers").set_defaults(func=cmd_list)
+    d = sub.add_parser("describe", help="fields, defaults and docs of a registered name")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_describe)
+    rep = sub.add_parser("report", help="table, plot and Markdown report of finished runs")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--title", default="fedhet report")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # a config file given to `run` may be followed by overrides; an override alone is not a file
+    if getattr(args, "config", None) and "=" in str(args.config) and args.command == "run":
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"fedhet: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedhet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

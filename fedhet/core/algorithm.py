@@ -1,0 +1,145 @@
+"""The Algorithm contract: a frozen dataclass of hyperparameters with explicit state.
+
+An algorithm fills in the stages of the one round loop (``fedhet.simulation.loop``):
+
+    configure -> local_update (on each client) -> accumulate -> aggregate -> evaluate
+
+Everything that changes across rounds lives in the state ``S`` the loop passes in and gets back;
+nothing is kept on ``self``. ``local_update`` runs on a client and never sees ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import nn
+
+from fedhet.aggregation.base import Accumulator, Collect
+from fedhet.core.context import ClientContext
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
+from fedhet.core.types import Config, Metrics, Params
+from fedhet.training.local import LocalTraining, evaluate
+
+S = TypeVar("S")
+
+
+class ClientError(RuntimeError):
+    """A client's result is unusable (wrong names or shapes, NaN/inf); it is left out of the round."""
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What ``Algorithm.init`` is given."""
+
+    #: the global model's initial parameters (buffers included)
+    params: Params
+    #: names in ``params`` that are trainable parameters (the rest are buffers)
+    trainable: frozenset[str]
+    #: every registered client, with its tier and size at round 1
+    clients: Sequence[ClientInfo]
+    #: size of the global model
+    global_size: ModelSize
+    #: generator for server-side initialisation draws
+    generator: torch.Generator
+    #: builds a model of a given config (server-side uses: evaluation, statistics)
+    build_model: Callable[[Config], nn.Module] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Algorithm(Generic[S]):
+    """Base of every algorithm; subclasses add their hyperparameters as dataclass fields."""
+
+    #: registry key, set by ``@register``
+    name: ClassVar[str] = ""
+    #: True where clients may train sub-models of different sizes (width/depth/density)
+    heterogeneous: ClassVar[bool] = False
+    #: True where the algorithm keeps one model per client and global evaluation does not apply
+    personalized: ClassVar[bool] = False
+
+    local: LocalTraining = field(default_factory=LocalTraining)
+
+    # -- server side -----------------------------------------------------------------------------
+    def init(self, setup: ServerSetup) -> S:
+        raise NotImplementedError
+
+    def configure(self, state: S, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
+        raise NotImplementedError
+
+    def accumulator(self, state: S, rnd: int) -> Accumulator:
+        """An empty accumulator for this round's results (``Collect`` keeps them all)."""
+        return Collect()
+
+    def aggregate(self, state: S, rnd: int, acc: Accumulator) -> tuple[S, Metrics]:
+        raise NotImplementedError
+
+    def eval_targets(self, state: S) -> dict[str, tuple[Params, Config]]:
+        """Models to evaluate on the global test set, by name (e.g. one per width)."""
+        return {}
+
+    def configure_eval(self, state: S, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
+        """Tasks for each client's evaluation on its own held-out split (default: the model it trains)."""
+        return self.configure(state, rnd, clients)
+
+    def global_params(self, state: S) -> Params:
+        """The parameters a run reports as its result (compared by the resume and executor tests)."""
+        return getattr(state, "params", {})
+
+    # -- client side -----------------------------------------------------------------------------
+    def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
+        raise NotImplementedError
+
+    def evaluate_client(self, task: ClientTask, ctx: ClientContext) -> Metrics:
+        model = ctx.build_model(task.config)
+        load_params(model, task.params)
+        return evaluate(model, ctx.test, device=ctx.device)
+
+    def validate_result(self, task: ClientTask, result: ClientResult) -> None:
+        """Raise ``ClientError`` when a result does not match its task (default: same names and shapes
+        as the task's parameters, every value finite, a positive example count)."""
+        check_result(task.params, result)
+
+    # -- description -----------------------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def check_result(expected: Mapping[str, torch.Tensor], result: ClientResult) -> None:
+    if result.num_examples < 0:
+        raise ClientError(f"num_examples is {result.num_examples}; allowed: >= 0")
+    missing = expected.keys() - result.params.keys()
+    extra = result.params.keys() - expected.keys()
+    if missing or extra:
+        raise ClientError(f"parameter names differ from the task: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+    for name, ref in expected.items():
+        got = result.params[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ClientError(f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ClientError(f"{name}: contains NaN or inf")
+
+
+def model_params(model: nn.Module) -> Params:
+    """The model's state as Params (detached copies, buffers included)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trainable_names(model: nn.Module) -> frozenset[str]:
+    return frozenset(name for name, _ in model.named_parameters())
+
+
+def load_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``params`` into ``model`` in place (every state-dict entry must be present)."""
+    model.load_state_dict(params, strict=True)
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """Hyperparameters of an algorithm instance as a plain dict (for saved configs and logs)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = describe(value) if hasattr(value, "__dataclass_fields__") else value
+    return out

@@ -1,0 +1,33 @@
+"""Datasets, partitioners and the per-client split that the simulation hands to clients.
+
+Importing this package registers the built-in datasets (``digits``, ``synthetic``, ``cifar10``) in
+``DATASETS`` and the partitioners (``iid``, ``dirichlet``, ``shards``) in ``PARTITIONERS``.
+"""
+
+from fedhet.data import datasets, partition  # noqa: F401  (importing registers the entries)
+from fedhet.data.base import ArrayDataset, Transform
+from fedhet.data.datasets import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DatasetBundle,
+    cifar10_arrays,
+    load_dataset,
+)
+from fedhet.data.federated import FederatedDataset, federate, stratified_split
+from fedhet.data.transforms import RandomCropFlip
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "ArrayDataset",
+    "DatasetBundle",
+    "FederatedDataset",
+    "RandomCropFlip",
+    "Transform",
+    "cifar10_arrays",
+    "federate",
+    "load_dataset",
+    "stratified_split",
+]

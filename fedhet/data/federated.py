@@ -1,0 +1,165 @@
+"""A centralized dataset split over clients: what the simulation hands to each client.
+
+:func:`federate` optionally takes a seeded subset of the training set, partitions it with a
+registered partitioner, and splits each client's part into a local training split and a held-out
+split with the same label distribution (for personalized evaluation). The global test set is kept
+whole. Every draw comes from a generator derived from ``seed`` and a key naming the step, so the
+same arguments give the same clients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhet.core.registry import PARTITIONERS
+from fedhet.core.rng import numpy_rng
+from fedhet.data._checks import fail, fraction, integer
+from fedhet.data.base import ArrayDataset, Transform
+from fedhet.data.datasets import DatasetBundle
+
+
+@dataclass(frozen=True)
+class FederatedDataset:
+    """Per-client train and held-out splits plus the global test set."""
+
+    name: str
+    clients_train: list[ArrayDataset]
+    clients_test: list[ArrayDataset]  # each client's held-out split, same label distribution as its train split
+    test: ArrayDataset  # the global test set
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_transform: Transform | None
+
+    def __post_init__(self) -> None:
+        if len(self.clients_train) != len(self.clients_test):
+            raise ValueError(
+                f"FederatedDataset: {len(self.clients_train)} client train splits but "
+                f"{len(self.clients_test)} client test splits"
+            )
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients_train)
+
+    def label_counts(self, cid: int) -> tuple[int, ...]:
+        """How many training examples of each class client ``cid`` holds (length ``num_classes``)."""
+        y = self.clients_train[cid].y.numpy()
+        return tuple(int(v) for v in np.bincount(y, minlength=self.num_classes)[: self.num_classes])
+
+    def summary(self, max_clients: int = 10) -> str:
+        """A few lines: sizes and classes per client (min / median / max) and, for the first
+        ``max_clients`` clients, their training label histograms."""
+        counts = [self.label_counts(c) for c in range(self.num_clients)]
+        sizes = [sum(c) for c in counts]
+        classes = [sum(1 for v in c if v) for c in counts]
+        held_out = sum(len(d) for d in self.clients_test)
+
+        def spread(values: list[int]) -> str:
+            return f"min {min(values)} / median {float(np.median(values)):g} / max {max(values)}"
+
+        lines = [
+            f"{self.name}: {self.num_clients} clients, {self.num_classes} classes, input shape {self.input_shape}",
+            f"train examples per client: {spread(sizes)} (total {sum(sizes)}; held out on clients: {held_out})",
+            f"classes per client: {spread(classes)}",
+            f"global test examples: {len(self.test)}",
+        ]
+        shown = min(self.num_clients, max_clients)
+        lines.append(f"train label counts (first {shown} of {self.num_clients} clients):")
+        width = len(str(self.num_clients - 1))
+        for cid in range(shown):
+            if self.num_classes <= 20:
+                hist = " ".join(str(v) for v in counts[cid])
+            else:  # many classes: only the ones present, as class:count
+                hist = " ".join(f"{c}:{v}" for c, v in enumerate(counts[cid]) if v)
+            lines.append(f"  client {cid:>{width}}: {hist}")
+        return "\n".join(lines)
+
+
+def _index(idx: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+
+
+def stratified_split(
+    labels: np.ndarray, fraction_held_out: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions into ``labels`` split into (kept, held out): for each label with ``n`` examples,
+    ``floor(fraction * n + 0.5)`` chosen at random are held out (halves round up). Both are sorted."""
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = int(math.floor(fraction_held_out * len(members) + 0.5))
+        held.append(rng.choice(members, size=take, replace=False))
+    held_out = np.sort(np.concatenate(held)) if held else np.empty(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+    return kept.astype(np.int64), held_out.astype(np.int64)
+
+
+def federate(
+    bundle: DatasetBundle,
+    *,
+    num_clients: int,
+    partitioner: str = "iid",
+    seed: int = 0,
+    client_test_fraction: float = 0.2,
+    train_subset: int | None = None,
+    **partitioner_options: Any,
+) -> FederatedDataset:
+    """Split ``bundle.train`` over ``num_clients`` clients.
+
+    1. ``train_subset``: keep that many training examples, drawn without replacement (key
+       ``"train_subset"``), before partitioning (e.g. 10,000 examples for 20 clients x 500).
+    2. Partition with the registered ``partitioner`` and ``partitioner_options`` (key ``"partition"``).
+    3. Split each client's part into train and held out, stratified by label (key
+       ``("client_split", cid)``): see :func:`stratified_split`. ``client_test_fraction=0`` gives
+       empty held-out splits that keep the example shape.
+    """
+    n_total = len(bundle.train)
+    num_clients = integer("num_clients", num_clients, minimum=1)
+    client_test_fraction = fraction("client_test_fraction", client_test_fraction, allow_zero=True)
+    if partitioner not in PARTITIONERS:
+        raise fail("partitioner", partitioner, ", ".join(PARTITIONERS.names()))
+
+    labels = bundle.train.y.numpy()
+    if train_subset is None:
+        pool = np.arange(n_total, dtype=np.int64)
+    else:
+        train_subset = integer("train_subset", train_subset, minimum=num_clients, maximum=n_total)
+        pool = np.sort(numpy_rng(seed, "train_subset").choice(n_total, size=train_subset, replace=False))
+    if num_clients > len(pool):
+        raise fail("num_clients", num_clients, f"<= the number of training examples ({len(pool)})")
+
+    partition = PARTITIONERS.get(partitioner)
+    parts = partition(labels[pool], num_clients, numpy_rng(seed, "partition"), **partitioner_options)
+    _check_parts(parts, num_clients, len(pool), partitioner)
+
+    clients_train, clients_test = [], []
+    for cid, part in enumerate(parts):
+        members = pool[np.asarray(part, dtype=np.int64)]
+        kept, held_out = stratified_split(labels[members], client_test_fraction, numpy_rng(seed, "client_split", cid))
+        clients_train.append(bundle.train.subset(_index(members[kept])))
+        clients_test.append(bundle.train.subset(_index(members[held_out])))
+    return FederatedDataset(
+        name=bundle.name,
+        clients_train=clients_train,
+        clients_test=clients_test,
+        test=bundle.test,
+        num_classes=bundle.num_classes,
+        input_shape=tuple(bundle.input_shape),
+        train_transform=bundle.train_transform,
+    )
+
+
+def _check_parts(parts: list[np.ndarray], num_clients: int, n: int, partitioner: str) -> None:
+    """A partitioner's output must be ``num_clients`` disjoint index arrays into the pool."""
+    if len(parts) != num_clients:
+        raise RuntimeError(f"partitioner {partitioner!r} returned {len(parts)} parts for {num_clients} clients")
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else np.empty(0, np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= n):
+        raise RuntimeError(f"partitioner {partitioner!r} returned indices outside [0, {n})")
+    if len(np.unique(flat)) != len(flat):
+        raise RuntimeError(f"partitioner {partitioner!r} gave one example to more than one client")

@@ -1,0 +1,75 @@
+"""The fleet: which tier each client is in each round, and what model size that lets it train.
+
+The device policy turns tiers into the sizes clients train, which is how the papers' comparisons
+are configurations of the same code:
+
+- ``tiered``: each client trains its tier's size (needs an algorithm with sub-models);
+- ``all_large``: every client trains the largest tier's model, resource limits ignored;
+- ``all_small``: every client trains the smallest tier's model;
+- ``drop_weak``: clients below the largest tier are left out of training; the rest train the largest;
+- ``auto``: ``tiered`` for algorithms with sub-models (or personal models), else ``all_large``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedhet.core.messages import ClientInfo, ModelSize
+from fedhet.devices.availability import Availability
+from fedhet.devices.tiers import Tier, assign_tiers, largest, smallest
+
+POLICIES = ("auto", "tiered", "all_large", "all_small", "drop_weak")
+
+
+def resolve_policy(policy: str, heterogeneous: bool, algorithm: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"devices.policy: got {policy!r}, allowed: {', '.join(POLICIES)}")
+    if policy == "auto":
+        return "tiered" if heterogeneous else "all_large"
+    if policy == "tiered" and not heterogeneous:
+        raise ValueError(
+            f"devices.policy: got 'tiered', but algorithm {algorithm!r} trains one model size; "
+            "allowed for it: all_large, all_small, drop_weak (or an algorithm with sub-models)"
+        )
+    return policy
+
+
+@dataclass(frozen=True)
+class Fleet:
+    tiers: tuple[Tier, ...]
+    assignment: str
+    policy: str
+    seed: int
+    label_counts: tuple[tuple[int, ...], ...]
+    num_train: tuple[int, ...]
+    num_test: tuple[int, ...]
+    availability: Availability = Availability()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.num_train)
+
+    @property
+    def global_size(self) -> ModelSize:
+        return smallest(self.tiers).size if self.policy == "all_small" else largest(self.tiers).size
+
+    def infos(self, rnd: int) -> list[ClientInfo]:
+        """Every client's info in round ``rnd``, with the size the policy lets it train."""
+        tier_idx = assign_tiers(self.num_clients, self.tiers, mode=self.assignment, seed=self.seed, rnd=rnd)
+        out = []
+        for cid, t in enumerate(tier_idx):
+            tier = self.tiers[t]
+            size = tier.size if self.policy == "tiered" else self.global_size
+            out.append(ClientInfo(cid, self.num_train[cid], self.num_test[cid], tier.name, size, self.label_counts[cid]))
+        return out
+
+    def eligible(self, infos: Sequence[ClientInfo]) -> list[ClientInfo]:
+        """Clients that may be selected for training (``drop_weak`` leaves out all but the largest tier)."""
+        if self.policy != "drop_weak":
+            return list(infos)
+        top = largest(self.tiers).name
+        return [c for c in infos if c.tier == top]
+
+    def dropped(self, cid: int, rnd: int) -> bool:
+        return self.availability.dropped(cid, rnd, self.seed)

@@ -1,0 +1,1 @@
+"""Typed experiment config, checkpoints, logging sinks and reports."""

@@ -1,0 +1,134 @@
+"""Build the pieces of a run from a validated config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhet.core.registry import ALGORITHMS
+from fedhet.devices import Availability, parse_tiers
+from fedhet.devices.fleet import Fleet, resolve_policy
+from fedhet.experiment.config import ConfigError, ExperimentConfig
+from fedhet.selection.base import Uniform
+from fedhet.server_opt import build_server_optimizer
+from fedhet.simulation.executors import Executor, SequentialExecutor
+from fedhet.simulation.loop import Run
+from fedhet.simulation.store import MemoryStore
+from fedhet.simulation.world import ClientWorld
+from fedhet.training.local import LocalTraining
+
+
+def _error(err: Exception) -> ConfigError:
+    msg = str(err.args[0]) if err.args else str(err)
+    return ConfigError(msg)
+
+
+def build_algorithm(cfg: ExperimentConfig) -> Any:
+    cls = ALGORITHMS.get(cfg.algorithm.name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = dict(cfg.algorithm.model_extra or {})
+    for key in extra:
+        if key not in fields or key in ("local", "server"):
+            allowed = ", ".join(n for n in fields if n not in ("local", "server")) or "(none)"
+            raise ConfigError(f"algorithm.{key}: unknown field for algorithm {cfg.algorithm.name!r}; allowed: {allowed}")
+    try:
+        local = LocalTraining(**cfg.local.model_dump())
+        kwargs: dict[str, Any] = {"local": local, **extra}
+        if "server" in fields:
+            server_extra = dict(cfg.server.model_extra or {})
+            kwargs["server"] = build_server_optimizer(
+                cfg.server.name, clip=cfg.server.clip, noise_std=cfg.server.noise_std, seed=cfg.seed, **server_extra
+            )
+        elif cfg.server.name != "fedavg" or cfg.server.model_extra:
+            raise ConfigError(f"server.name: got {cfg.server.name!r}, but algorithm {cfg.algorithm.name!r} has no server optimizer; allowed: fedavg")
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise _error(err) from None
+
+
+def build_fleet_parts(cfg: ExperimentConfig) -> tuple[list[Any], str]:
+    try:
+        tiers = parse_tiers(cfg.devices.tiers)
+    except ValueError as err:
+        raise _error(err) from None
+    heterogeneous = ALGORITHMS.get(cfg.algorithm.name).heterogeneous
+    try:
+        policy = resolve_policy(cfg.devices.policy, heterogeneous, cfg.algorithm.name)
+    except ValueError as err:
+        raise _error(err) from None
+    return tiers, policy
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: got {name!r}, but no CUDA device is available; allowed here: auto, cpu")
+    return name
+
+
+def load_federated(cfg: ExperimentConfig) -> Any:
+    from fedhet.data import federate, load_dataset
+
+    try:
+        bundle = load_dataset(cfg.data.dataset, root=cfg.data.root, seed=cfg.seed, **cfg.data.options)
+        return federate(
+            bundle,
+            num_clients=cfg.data.num_clients,
+            partitioner=cfg.data.partitioner,
+            seed=cfg.seed,
+            client_test_fraction=cfg.data.client_test_fraction,
+            train_subset=cfg.data.train_subset,
+            **cfg.data.partitioner_options(),
+        )
+    except (ValueError, TypeError) as err:
+        raise _error(err) from None
+
+
+def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> Run:
+    algorithm = build_algorithm(cfg)
+    tiers, policy = build_fleet_parts(cfg)
+    fed = dataset if dataset is not None else load_federated(cfg)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
+    world = ClientWorld(fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device))
+    fleet = Fleet(
+        tiers=tuple(tiers),
+        assignment=cfg.devices.assignment,
+        policy=policy,
+        seed=cfg.seed,
+        label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
+        num_train=tuple(len(d) for d in fed.clients_train),
+        num_test=tuple(len(d) for d in fed.clients_test),
+        availability=Availability(cfg.devices.dropout),
+    )
+    selector = Uniform(cfg.selection.clients_per_round, cfg.selection.fraction)
+    executor: Executor
+    store = MemoryStore()
+    if cfg.runtime.executor == "parallel":
+        from fedhet.simulation.parallel import ParallelExecutor
+
+        executor = ParallelExecutor(world, store, workers=cfg.runtime.workers or os.cpu_count() or 1)
+    else:
+        executor = SequentialExecutor(world, store)
+    return Run(
+        algorithm=algorithm,
+        world=world,
+        fleet=fleet,
+        selector=selector,
+        executor=executor,
+        rounds=cfg.rounds,
+        seed=cfg.seed,
+        run_dir=Path(run_dir),
+        eval_every=cfg.eval.every,
+        eval_clients=cfg.eval.clients,
+        checkpoint_every=cfg.runtime.checkpoint_every,
+        progress=cfg.logging.progress,
+        name=cfg.name,
+    )

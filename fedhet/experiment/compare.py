@@ -1,0 +1,111 @@
+"""Comparisons: one base config and named variants (overrides of it), run one after another, then
+summarised as a table, an accuracy-against-round plot and a Markdown report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedhet.experiment.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, validate
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    variants: dict[str, ExperimentConfig]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict) or "variants" not in data:
+        raise ConfigError(f"{p}: a comparison needs 'base' and 'variants' sections")
+    unknown = set(data) - {"name", "base", "variants"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key in a comparison; allowed: name, base, variants")
+    base = apply_overrides(copy.deepcopy(data.get("base") or {}), overrides or [])
+    variants = {}
+    for vname, over in (data["variants"] or {}).items():
+        try:
+            variants[str(vname)] = validate(_merge(base, over or {}))
+        except ConfigError as err:
+            raise ConfigError(f"variants.{vname}: {err}") from None
+    if not variants:
+        raise ConfigError("variants: empty; allowed: a mapping of name -> overrides of base")
+    return Comparison(str(data.get("name", p.stem)), variants)
+
+
+def headline_metric(row: dict[str, Any]) -> tuple[str, float | None]:
+    """The accuracy a row reports: the global model's, else the clients' mean (personalized runs)."""
+    for k in sorted(row):
+        if k.startswith("eval/") and k.endswith("/accuracy") and row[k] is not None:
+            return k, row[k]
+    return "clients/accuracy_mean", row.get("clients/accuracy_mean")
+
+
+def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    last = history[-1]
+    evals = [r for r in history if any(k.startswith(("eval/", "clients/accuracy")) for k in r)]
+    key, final = headline_metric(last)
+    best = max((r.get(key) for r in evals if r.get(key) is not None), default=None)
+    return {
+        "variant": name,
+        "metric": key,
+        "final_accuracy": final,
+        "best_accuracy": best,
+        "client_accuracy_mean": last.get("clients/accuracy_mean"),
+        "client_accuracy_p10": last.get("clients/accuracy_p10"),
+        "bytes_total": sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in history),
+        "train_flops": sum(r.get("train_flops") or 0 for r in history),
+        "failures": sum(r.get("failures") or 0 for r in history),
+        "rounds": last["round"],
+        "seconds": seconds,
+    }
+
+
+def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None) -> list[dict[str, Any]]:
+    from fedhet.experiment.build import build_run, load_federated
+    from fedhet.simulation.loop import run_rounds
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    data_cache: dict[str, Any] = {}
+    for vname, cfg in cmp.variants.items():
+        if progress is not None:
+            cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"progress": progress})})
+        run_dir = out_dir / vname
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
+        if key not in data_cache:
+            data_cache[key] = load_federated(cfg)
+        t0 = time.perf_counter()
+        run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
+        try:
+            result = run_rounds(run)
+        finally:
+            run.executor.close()
+        rows.append(summarize(vname, result.history, time.perf_counter() - t0))
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    from fedhet.experiment.report import write_report
+
+    write_report(out_dir, cmp.name, rows, {v: out_dir / v for v in cmp.variants})
+    return rows

@@ -1,0 +1,253 @@
+"""The experiment config: one YAML file, validated on load, with dotted overrides.
+
+Every error names the field, the bad value and what is allowed, in one line, before any training
+starts. Algorithm fields are the algorithm dataclass's own fields, so ``fedhet describe NAME``
+and validation agree by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming field, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = "digits"
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    num_clients: int = Field(20, ge=1)
+    partitioner: str = "iid"
+    alpha: float | None = Field(None, gt=0)
+    min_size: int | None = Field(None, ge=0)
+    classes_per_client: int | None = Field(None, ge=1)
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    train_subset: int | None = Field(None, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _known(v, DATASETS)
+
+    @field_validator("partitioner")
+    @classmethod
+    def _partitioner(cls, v: str) -> str:
+        return _known(v, PARTITIONERS)
+
+    def partitioner_options(self) -> dict[str, Any]:
+        opts = {"alpha": self.alpha, "min_size": self.min_size, "classes_per_client": self.classes_per_client}
+        allowed = {"dirichlet": {"alpha", "min_size"}, "shards": {"classes_per_client"}, "iid": set()}.get(self.partitioner)
+        out = {k: v for k, v in opts.items() if v is not None}
+        if allowed is not None:
+            for k in out:
+                if k not in allowed:
+                    raise ConfigError(f"data.{k}: got {out[k]!r}, but partitioner {self.partitioner!r} takes no {k}; it takes: {', '.join(sorted(allowed)) or 'no options'}")
+        if self.partitioner == "dirichlet" and "alpha" not in out:
+            raise ConfigError("data.alpha: missing, allowed: a number > 0 (required by partitioner 'dirichlet')")
+        if self.partitioner == "shards" and "classes_per_client" not in out:
+            raise ConfigError("data.classes_per_client: missing, allowed: an integer >= 1 (required by partitioner 'shards')")
+        return out
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known(v, MODELS)
+
+
+class DevicesConfig(_Section):
+    #: HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion}
+    tiers: str | list[dict[str, Any]] = "a1"
+    assignment: Literal["fixed", "dynamic"] = "fixed"
+    policy: Literal["auto", "tiered", "all_large", "all_small", "drop_weak"] = "auto"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class LocalConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class ServerConfig(_Section):
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+    clip: float | None = Field(None, gt=0)
+    noise_std: float = Field(0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known(v, SERVER_OPTIMIZERS)
+
+
+class AlgorithmConfig(_Section):
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedavg"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known(v, ALGORITHMS)
+
+
+class SelectionConfig(_Section):
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+
+
+class RuntimeConfig(_Section):
+    executor: Literal["sequential", "parallel"] = "sequential"
+    workers: int | None = Field(None, ge=1)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"got {v!r}, allowed: auto, cpu, cuda, cuda:N")
+        return v
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    clients: bool = True
+
+
+class LoggingConfig(_Section):
+    dir: str = "runs"
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def _known(value: str, registry: Any) -> str:
+    if value not in registry:
+        raise ValueError(f"got {value!r}, allowed: {', '.join(registry.names())}")
+    return value
+
+
+def _format(err: ValidationError, data: dict[str, Any]) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        section = _walk(ExperimentConfig, e["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section is not None else "see fedhet describe"
+        return f"{loc}: unknown key; allowed: {allowed}"
+    value = e.get("input")
+    msg = msg.removeprefix("Value error, ")
+    if msg.startswith("got "):
+        return f"{loc}: {msg}"
+    return f"{loc}: got {value!r}, allowed: {msg[0].lower() + msg[1:]}"
+
+
+def _walk(model: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if hasattr(model, "model_fields") else None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars (1, 0.5, true, null, [1, 2]) or a plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[parts[-1]] = parse_value(text)
+    return data
+
+
+def validate(data: dict[str, Any]) -> ExperimentConfig:
+    """Validate a config mapping, including the algorithm and server fields and their combinations."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, data)) from None
+    cfg.data.partitioner_options()
+    # the algorithm, server optimizer, tiers and policy are built once here so that every error
+    # surfaces before training
+    from fedhet.experiment.build import build_algorithm, build_fleet_parts
+
+    build_algorithm(cfg)
+    build_fleet_parts(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        data = loaded or {}
+    return validate(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def algorithm_fields(name: str) -> list[dataclasses.Field[Any]]:
+    cls = ALGORITHMS.get(name)
+    return [f for f in dataclasses.fields(cls) if f.name not in ("local", "server")]

@@ -1,0 +1,123 @@
+"""Run-directory sinks: metrics as JSON Lines (the record) and CSV (for spreadsheets), per-client
+rows, and a live progress display (a bar on a terminal, plain log lines otherwise)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedhet.experiment.checkpoint import atomic_write_bytes
+
+METRICS = "metrics.jsonl"
+CLIENTS = "clients.jsonl"
+CSV = "metrics.csv"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash ends the readable record
+    return rows
+
+
+class RunLog:
+    """Appends one metrics row per round (and per-client rows) to the run directory."""
+
+    def __init__(self, run_dir: Path, resume_round: int | None = None) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_round is not None:
+            # rows written after the checkpoint was taken are redone by the resumed run
+            for name in (METRICS, CLIENTS):
+                rows = [r for r in read_jsonl(self.dir / name) if r.get("round", 0) <= resume_round]
+                atomic_write_bytes(self.dir / name, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        else:
+            for name in (METRICS, CLIENTS, CSV):
+                (self.dir / name).unlink(missing_ok=True)
+        self.rows = read_jsonl(self.dir / METRICS)
+
+    def log_round(self, row: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        with open(self.dir / CLIENTS, "a") as f:
+            for c in clients:
+                f.write(json.dumps({k: _clean(v) for k, v in c.items()}) + "\n")
+        with open(self.dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns: list[str] = []
+        for r in self.rows:
+            columns.extend(k for k in r if k not in columns)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.dir / CSV, buf.getvalue().encode())
+
+
+class Progress:
+    """A rich progress bar (round, loss, accuracy, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, total: int, start: int, name: str, mode: str = "auto") -> None:
+        self.total = total
+        self.name = name
+        self.live = (mode == "bar") or (mode == "auto" and sys.stderr.isatty())
+        self.quiet = mode == "off"
+        self.t0 = time.perf_counter()
+        self._bar = None
+        if self.live and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._task = self._bar.add_task(name, total=total, completed=start - 1, info="")
+            self._bar.start()
+
+    def update(self, rnd: int, row: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        parts = []
+        if row.get("train_loss") is not None:
+            parts.append(f"loss {row['train_loss']:.4f}")
+        acc = next((row[k] for k in row if k.endswith("/accuracy") and k.startswith("eval/") and row[k] is not None), None)
+        if acc is not None:
+            parts.append(f"acc {acc:.4f}")
+        if row.get("clients/accuracy_mean") is not None:
+            parts.append(f"client acc {row['clients/accuracy_mean']:.4f}")
+        if row.get("failures"):
+            parts.append(f"{int(row['failures'])} failed")
+        info = "  ".join(parts)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=rnd, info=info)
+        else:
+            elapsed = time.perf_counter() - self.t0
+            print(f"[{self.name}] round {rnd}/{self.total}  {info}  ({elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,123 @@
+"""Results people can read at a glance: a table on the terminal, a plot, a Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedhet.experiment.logging import METRICS, read_jsonl
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "pct":
+        return f"{100 * value:.2f}"
+    if kind == "bytes":
+        for unit in ("B", "KB", "MB", "GB", "TB"):
+            if abs(value) < 1000:
+                return f"{value:.1f} {unit}"
+            value /= 1000
+        return f"{value:.1f} PB"
+    if kind == "flops":
+        return f"{value / 1e9:.2f} G"
+    if kind == "s":
+        return f"{value:.1f}"
+    return str(value)
+
+
+COLUMNS = [
+    ("variant", "variant", ""),
+    ("final_accuracy", "accuracy %", "pct"),
+    ("best_accuracy", "best %", "pct"),
+    ("client_accuracy_mean", "client mean %", "pct"),
+    ("client_accuracy_p10", "client p10 %", "pct"),
+    ("bytes_total", "communicated", "bytes"),
+    ("train_flops", "train FLOPs", "flops"),
+    ("seconds", "time s", "s"),
+]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[_fmt(r.get(key), kind) for key, _, kind in COLUMNS] for r in rows]
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for _, header, kind in COLUMNS:
+        table.add_column(header, justify="left" if not kind else "right")
+    for r in table_rows(rows):
+        table.add_row(*r)
+    Console().print(table)
+    personalized = [r["variant"] for r in rows if r.get("metric") == "clients/accuracy_mean"]
+    if personalized:
+        Console().print(f"accuracy % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" if not k else "---:" for _, _, k in COLUMNS) + "|"
+    return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in table_rows(rows)])
+
+
+def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedhet.experiment.compare import headline_metric
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, d in run_dirs.items():
+        rows = read_jsonl(Path(d) / METRICS)
+        pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
+    plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
+    text = [
+        f"# {title}",
+        "",
+        "Accuracy: the global model on the global test set; for personalized variants (no global",
+        "model), the mean over clients of each client's model on its own held-out split.",
+        "",
+        markdown_table(rows),
+        "",
+        f"![accuracy against round]({plot.name})",
+        "",
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def report_from_dirs(run_dirs: list[Path], out_dir: Path, title: str = "fedhet report") -> list[dict[str, Any]]:
+    """Summarise finished run directories (each with metrics.jsonl) into a table, plot and report."""
+    from fedhet.experiment.compare import summarize
+
+    rows = []
+    dirs = {}
+    for d in run_dirs:
+        hist = read_jsonl(Path(d) / METRICS)
+        if not hist:
+            raise ValueError(f"{d}: no {METRICS} with any round in it")
+        rows.append(summarize(Path(d).name, hist, sum(r.get("seconds") or 0 for r in hist)))
+        dirs[Path(d).name] = Path(d)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir, title, rows, dirs)
+    return rows

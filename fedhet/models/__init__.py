@@ -1,0 +1,41 @@
+"""Model factories, registered in ``fedhet.core.registry.MODELS`` under their module names.
+
+A factory is ``factory(*, input_shape, num_classes, size: ModelSize, **options) -> nn.Module``.
+Hidden widths are ``max(1, ceil(c * size.width))``; the classifier always has every class.
+``size.depth`` and ``size.density`` are not applied at construction: sub-model specs cut blocks
+and mask weights of the built model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fedhet.core.messages import ModelSize
+from fedhet.core.registry import MODELS
+from fedhet.models import cnn as _cnn  # noqa: F401  (registers "cnn")
+from fedhet.models import mlp as _mlp  # noqa: F401  (registers "mlp")
+from fedhet.models.cnn import CNN
+from fedhet.models.cost import ModelCost, count_params, flops_per_sample, model_cost, state_nbytes
+from fedhet.models.mlp import MLP
+
+
+def build_model(
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any
+) -> nn.Module:
+    """Build the registered model ``name`` (KeyError listing the allowed names if unknown)."""
+    factory = MODELS.get(name)
+    return factory(input_shape=tuple(input_shape), num_classes=num_classes, size=size, **options)
+
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "ModelCost",
+    "build_model",
+    "count_params",
+    "flops_per_sample",
+    "model_cost",
+    "state_nbytes",
+]

@@ -1,0 +1,58 @@
+"""The selector contract and uniform sampling."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedhet.core import rng
+from fedhet.core.messages import ClientInfo
+from fedhet.core.types import Metrics
+
+
+class ClientSelector(ABC):
+    """Frozen dataclass of hyperparameters; the state it threads through rounds is explicit."""
+
+    def init(self, clients: Sequence[ClientInfo]) -> Any:
+        return None
+
+    @abstractmethod
+    def select(self, state: Any, rnd: int, eligible: Sequence[ClientInfo], seed: int) -> list[int]: ...
+
+    def update(self, state: Any, rnd: int, metrics: Mapping[int, Metrics]) -> Any:
+        return state
+
+
+@dataclass(frozen=True)
+class Uniform(ClientSelector):
+    """``clients_per_round`` clients (or ``fraction`` of the eligible ones, rounded up) drawn uniformly
+    without replacement from (seed, "select", round)."""
+
+    clients_per_round: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("selection: give clients_per_round or fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ValueError(f"selection.clients_per_round: got {self.clients_per_round!r}, allowed: an integer >= 1")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"selection.fraction: got {self.fraction!r}, allowed: 0 < fraction <= 1")
+
+    def count(self, n: int) -> int:
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, n)
+        return min(n, max(1, math.ceil((self.fraction if self.fraction is not None else 1.0) * n - 1e-9)))
+
+    def select(self, state: Any, rnd: int, eligible: Sequence[ClientInfo], seed: int) -> list[int]:
+        ids = sorted(c.id for c in eligible)
+        k = self.count(len(ids))
+        if k >= len(ids):
+            return ids
+        perm = torch.randperm(len(ids), generator=rng.generator(seed, "select", rnd))[:k]
+        return sorted(ids[i] for i in perm.tolist())

@@ -1,0 +1,1 @@
+"""The round loop and the executors that run client work."""

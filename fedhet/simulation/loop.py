@@ -1,0 +1,215 @@
+"""The one round loop in fedhet.
+
+    select clients -> configure -> local_update (executor) -> aggregate -> evaluate / log / checkpoint
+
+Algorithms fill in the stages; nothing else loops over rounds. A run's state between rounds is
+``(round, algorithm state, selector state, client store)``, all of it in the checkpoint; every random
+draw is keyed by (seed, round, client id), so a resumed run gives the same bits as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhet import __version__
+from fedhet.core import rng
+from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, trainable_names
+from fedhet.core.messages import ClientInfo
+from fedhet.core.types import Config, Metrics, Params, params_nbytes
+from fedhet.devices.fleet import Fleet
+from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
+from fedhet.experiment.logging import Progress, RunLog
+from fedhet.models.cost import ModelCost, model_cost
+from fedhet.selection.base import ClientSelector
+from fedhet.simulation.executors import Executor
+from fedhet.simulation.world import ClientWorld, config_key
+from fedhet.training.local import evaluate
+
+
+@dataclass
+class Run:
+    """Everything a run needs that does not change across rounds."""
+
+    algorithm: Algorithm[Any]
+    world: ClientWorld
+    fleet: Fleet
+    selector: ClientSelector
+    executor: Executor
+    rounds: int
+    seed: int
+    run_dir: Path
+    eval_every: int = 1
+    eval_clients: bool = True
+    checkpoint_every: int = 1
+    progress: str = "auto"
+    name: str = "run"
+    #: called after each round with the metrics row (e.g. by tests to stop a run part-way)
+    on_round: Callable[[int, dict[str, Any]], None] | None = None
+    _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class RunResult:
+    params: Params
+    state: Any
+    history: list[dict[str, Any]]
+    run_dir: Path
+
+
+def _cost(run: Run, config: Config) -> ModelCost:
+    key = config_key(config)
+    if key not in run._costs:
+        run._costs[key] = model_cost(run.world.build_model(config), run.world.dataset.input_shape)
+    return run._costs[key]
+
+
+def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
+    vals = sorted(v for v in values if v == v)
+    if not vals:
+        return {}
+    p10 = vals[max(0, int(0.1 * (len(vals) - 1)))]
+    return {
+        f"{prefix}_mean": sum(vals) / len(vals),
+        f"{prefix}_median": statistics.median(vals),
+        f"{prefix}_p10": p10,
+        f"{prefix}_min": vals[0],
+    }
+
+
+def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> dict[str, float]:
+    """Global targets on the global test set; each client on its own held-out split."""
+    row: dict[str, float] = {}
+    alg = run.algorithm
+    for name, (params, config) in alg.eval_targets(state).items():
+        model = run.world.build_model(config)
+        load_params(model, params)
+        for k, v in evaluate(model, run.world.dataset.test, device=run.world.torch_device).items():
+            if k != "examples":
+                row[f"eval/{name}/{k}"] = v
+    if run.eval_clients:
+        tasks = alg.configure_eval(state, rnd, infos)
+        by_id = {c.id: c for c in infos}
+        results = run.executor.evaluate(alg, tasks, by_id)
+        accs, per_tier = [], defaultdict(list)
+        failed = 0
+        for cid, m in results.items():
+            if isinstance(m, str) or m.get("examples", 0) == 0:
+                failed += isinstance(m, str)
+                continue
+            accs.append(m["accuracy"])
+            per_tier[by_id[cid].tier].append(m["accuracy"])
+        row.update(_summary(accs, "clients/accuracy"))
+        for tier, vals in sorted(per_tier.items()):
+            row[f"clients/tier_{tier}/accuracy_mean"] = sum(vals) / len(vals)
+        if failed:
+            row["clients/eval_failures"] = float(failed)
+    return row
+
+
+def init_state(run: Run) -> Any:
+    infos = run.fleet.infos(1)
+    config = run.fleet.global_size.as_config()
+    params = {k: v.clone() for k, v in run.world.initial_params(config).items()}
+    setup = ServerSetup(
+        params=params,
+        trainable=trainable_names(run.world.build_model(config)),
+        clients=infos,
+        global_size=run.fleet.global_size,
+        generator=rng.generator(run.seed, "server_init"),
+        build_model=run.world.build_model,
+    )
+    return run.algorithm.init(setup)
+
+
+def run_rounds(run: Run, resume: bool = False) -> RunResult:
+    alg = run.algorithm
+    start = 1
+    checkpoint = load_checkpoint(run.run_dir) if resume else None
+    if checkpoint is not None:
+        start = checkpoint["round"] + 1
+        state = checkpoint["algorithm_state"]
+        sel_state = checkpoint["selector_state"]
+        run.executor.store.restore(checkpoint["store"])
+    else:
+        state = init_state(run)
+        sel_state = run.selector.init(run.fleet.infos(1))
+    log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
+    progress = Progress(run.rounds, start, run.name, run.progress)
+    try:
+        for rnd in range(start, run.rounds + 1):
+            t0 = time.perf_counter()
+            infos = run.fleet.infos(rnd)
+            by_id = {c.id: c for c in infos}
+            selected = run.selector.select(sel_state, rnd, run.fleet.eligible(infos), run.seed)
+            reporting = [cid for cid in selected if not run.fleet.dropped(cid, rnd)]
+            tasks = alg.configure(state, rnd, [by_id[c] for c in selected])
+            live = {cid: tasks[cid] for cid in reporting if cid in tasks}
+            outcome = run.executor.train(alg, live, by_id, alg.accumulator(state, rnd))
+            state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
+            sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
+
+            row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(reporting)}
+            client_rows = []
+            total_examples = 0
+            loss_sum = 0.0
+            flops = 0.0
+            for cid in selected:
+                task = tasks.get(cid)
+                cost = _cost(run, task.config) if task is not None else None
+                crow: dict[str, Any] = {"round": rnd, "client": cid, "tier": by_id[cid].tier}
+                if task is not None:
+                    crow["bytes_down"] = params_nbytes(task.params) + params_nbytes(task.extras)
+                if cost is not None:
+                    crow.update(params=cost.params, flops_per_sample=cost.flops_per_sample)
+                if cid in outcome.metrics:
+                    m = outcome.metrics[cid]
+                    crow.update(m)
+                    crow["bytes_up"] = outcome.bytes_up[cid]
+                    seen = m.get("examples_seen", 0.0)
+                    # training costs about 3x the forward FLOPs (forward + two backward products)
+                    flops += 3.0 * seen * (cost.flops_per_sample if cost else 0)
+                    total_examples += seen
+                    loss_sum += m.get("train_loss", 0.0) * seen
+                elif cid in outcome.failures:
+                    crow["error"] = outcome.failures[cid]
+                else:
+                    crow["error"] = "dropped out"
+                client_rows.append(crow)
+            row["trained"] = len(outcome.metrics)
+            row["failures"] = len(outcome.failures)
+            row["train_loss"] = loss_sum / total_examples if total_examples else None
+            row["bytes_down"] = sum(r.get("bytes_down", 0) for r in client_rows)
+            row["bytes_up"] = sum(outcome.bytes_up.values())
+            row["train_flops"] = flops
+            row.update(agg_metrics)
+            if rnd % run.eval_every == 0 or rnd == run.rounds:
+                row.update(evaluate_round(run, state, rnd, infos))
+            row["seconds"] = time.perf_counter() - t0
+            for err in outcome.failures.values():
+                print(f"warning: client left out of the round: {err}", flush=True, file=__import__("sys").stderr)
+            log.log_round(row, client_rows)
+            if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
+                save_checkpoint(
+                    run.run_dir,
+                    {
+                        "round": rnd,
+                        "algorithm_state": state,
+                        "selector_state": sel_state,
+                        "store": run.executor.store.snapshot(),
+                        "fedhet_version": __version__,
+                    },
+                )
+            progress.update(rnd, row)
+            if run.on_round is not None:
+                run.on_round(rnd, row)
+    finally:
+        progress.close()
+    return RunResult(params=alg.global_params(state), state=state, history=log.rows, run_dir=run.run_dir)

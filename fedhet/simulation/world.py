@@ -1,0 +1,133 @@
+"""What client-side work needs in any process: the federated data, the model builder, the seed.
+
+A worker process holds one ``ClientWorld`` for the whole run and makes a ``ClientContext`` for
+each client it runs. ``run_train`` and ``run_eval`` are the single place where a client's work is
+run, guarded and checked, for every executor.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedhet.core import rng
+from fedhet.core.algorithm import Algorithm, model_params
+from fedhet.core.context import ClientContext
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
+from fedhet.core.types import Config, Metrics, Params
+from fedhet.data.federated import FederatedDataset
+from fedhet.models import build_model
+
+
+def config_key(config: Config) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(config.items()))
+
+
+@dataclass
+class ClientWorld:
+    dataset: FederatedDataset
+    model: str
+    model_options: dict[str, Any]
+    seed: int
+    device: str = "cpu"
+    _models: dict[tuple[tuple[str, Any], ...], nn.Module] = field(default_factory=dict, repr=False)
+    _initial: dict[tuple[tuple[str, Any], ...], Params] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_models"] = {}
+        return state
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def _new_model(self, config: Config) -> nn.Module:
+        from fedhet.core.messages import ModelSize
+
+        size = ModelSize(width=float(config.get("width", 1.0)), depth=config.get("depth"), density=float(config.get("density", 1.0)))  # type: ignore[arg-type]
+        with rng.seeded(self.seed, "model_init"):
+            model = build_model(
+                self.model,
+                input_shape=self.dataset.input_shape,
+                num_classes=self.dataset.num_classes,
+                size=size,
+                **self.model_options,
+            )
+        return model.to(self.torch_device)
+
+    def build_model(self, config: Config) -> nn.Module:
+        """A model for ``config``, reused across clients (its state is overwritten by the caller)."""
+        key = config_key(config)
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = self._new_model(config)
+            self._initial.setdefault(key, {k: v.cpu() for k, v in model_params(model).items()})
+        return model
+
+    def initial_params(self, config: Config) -> Params:
+        """The seeded initial parameters of a model of ``config`` (the same in every process)."""
+        key = config_key(config)
+        if key not in self._initial:
+            self._initial[key] = {k: v.cpu() for k, v in model_params(self._new_model(config)).items()}
+        return self._initial[key]
+
+    def context(self, info: ClientInfo, rnd: int, store: dict[str, Any], stream: str = "train") -> ClientContext:
+        cid = info.id
+        return ClientContext(
+            client=info,
+            train=self.dataset.clients_train[cid],
+            test=self.dataset.clients_test[cid],
+            build_model=self.build_model,
+            device=self.torch_device,
+            generator=rng.generator(self.seed, stream, rnd, cid),
+            store=store,
+            initial_params=self.initial_params,
+            transform=self.dataset.train_transform,
+            seed=self.seed,
+            round=rnd,
+        )
+
+
+@dataclass
+class ClientOutcome:
+    """One client's train run: its result (or the error that kept it out) and its new store."""
+
+    cid: int
+    result: ClientResult | None
+    error: str | None
+    store: dict[str, Any] | None
+
+
+def run_train(
+    algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any]
+) -> ClientOutcome:
+    """Run ``local_update`` for one client; any exception or invalid result leaves the client out
+    of the round with its error, and its store unchanged."""
+    try:
+        ctx = world.context(info, task.round, store)
+        result = algorithm.local_update(task, ctx)
+        result = ClientResult(
+            params={k: v.detach().cpu() for k, v in result.params.items()},
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+            extras={k: v.detach().cpu() for k, v in result.extras.items()},
+        )
+        algorithm.validate_result(task, result)
+    except Exception as exc:  # a client's failure must never stop or corrupt the round
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        loc = f" at {where.filename}:{where.lineno}" if where else ""
+        return ClientOutcome(info.id, None, f"round {task.round}, client {info.id}, local_update: {type(exc).__name__}: {exc}{loc}", None)
+    return ClientOutcome(info.id, result, None, ctx.store)
+
+
+def run_eval(algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any]) -> Metrics | str:
+    try:
+        with torch.no_grad():
+            return algorithm.evaluate_client(task, world.context(info, task.round, store, stream="eval"))
+    except Exception as exc:
+        return f"round {task.round}, client {info.id}, evaluate_client: {type(exc).__name__}: {exc}"

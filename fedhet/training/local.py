@@ -1,0 +1,192 @@
+"""The one local-training loop in fedhet, and evaluation.
+
+Algorithms change local training only through arguments: a loss function, extra loss terms (a
+proximal term, FedDyn's linear term, distillation) and hooks run after ``backward`` (masks, gradient
+corrections). Nothing copies this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedhet.data.base import ArrayDataset, Transform
+
+#: (model output, targets) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: model -> scalar added to the loss of every step (e.g. FedProx's (μ/2)‖θ − θ_g‖²)
+LossTerm = Callable[[nn.Module], torch.Tensor]
+#: model -> None, run after backward and before the optimizer step
+GradHook = Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains in a round.
+
+    Attributes:
+        epochs: local epochs E over the client's training split.
+        batch_size: mini-batch size B.
+        lr: client learning rate η_l in round 1.
+        lr_decay: η_l in round t is ``lr * lr_decay**(t-1)``.
+        momentum: SGD momentum (a new optimizer every round: no momentum carries across rounds).
+        weight_decay: L2 weight decay.
+        max_steps: stop after this many steps in a round (``None``: no limit).
+        grad_clip: clip the gradient's global L2 norm to this value before each step (``None``: off).
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    lr_decay: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("lr_decay", 0 < self.lr_decay <= 1, "0 < lr_decay <= 1"),
+            ("momentum", 0 <= self.momentum < 1, "0 <= momentum < 1"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "an integer >= 1 or null"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or null"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"local.{name}: got {getattr(self, name)!r}, allowed: {allowed}")
+
+    def lr_at(self, rnd: int) -> float:
+        return self.lr * self.lr_decay ** max(rnd - 1, 0)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    accuracy: float
+    steps: int
+    examples: int
+    seconds: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "train_loss": self.loss,
+            "train_accuracy": self.accuracy,
+            "steps": float(self.steps),
+            "examples_seen": float(self.examples),
+            "seconds": self.seconds,
+        }
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target)
+
+
+def _correct(output: torch.Tensor, target: torch.Tensor) -> int:
+    if output.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
+        return int((output.argmax(dim=1) == target).sum())
+    return 0
+
+
+def train(
+    model: nn.Module,
+    data: ArrayDataset,
+    spec: LocalTraining,
+    generator: torch.Generator,
+    *,
+    rnd: int = 1,
+    device: torch.device | None = None,
+    loss_fn: LossFn = cross_entropy,
+    terms: Sequence[LossTerm] = (),
+    after_backward: Sequence[GradHook] = (),
+    transform: Transform | None = None,
+    parameters: Sequence[nn.Parameter] | None = None,
+) -> TrainStats:
+    """Train ``model`` in place on ``data`` with SGD as ``spec`` says.
+
+    Batch order and augmentation draw only from ``generator``. ``parameters`` restricts what the
+    optimizer updates (default: every parameter of ``model``).
+    """
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    model.train()
+    params = list(parameters) if parameters is not None else list(model.parameters())
+    opt = torch.optim.SGD(params, lr=spec.lr_at(rnd), momentum=spec.momentum, weight_decay=spec.weight_decay)
+    total_loss = 0.0
+    correct = 0
+    seen = 0
+    steps = 0
+    done = False
+    for _ in range(spec.epochs):
+        for x, y in data.batches(spec.batch_size, generator=generator):
+            if transform is not None:
+                x = transform(x, generator)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            output = model(x)
+            loss = loss_fn(output, y)
+            data_loss = float(loss.detach())
+            for term in terms:
+                loss = loss + term(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for hook in after_backward:
+                hook(model)
+            if spec.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            opt.step()
+            n = int(y.shape[0])
+            total_loss += data_loss * n
+            if isinstance(output, torch.Tensor):
+                correct += _correct(output.detach(), y)
+            seen += n
+            steps += 1
+            if spec.max_steps is not None and steps >= spec.max_steps:
+                done = True
+                break
+        if done:
+            break
+    return TrainStats(
+        loss=total_loss / seen if seen else math.nan,
+        accuracy=correct / seen if seen else math.nan,
+        steps=steps,
+        examples=seen,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    loss_fn: LossFn = cross_entropy,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``data`` (in eval mode)."""
+    device = device or torch.device("cpu")
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    n_total = 0
+    for x, y in data.batches(batch_size):
+        x = x.to(device)
+        y = y.to(device)
+        output = model(x)
+        n = int(y.shape[0])
+        total_loss += float(loss_fn(output, y)) * n
+        correct += _correct(output, y)
+        n_total += n
+    if n_total == 0:
+        return {"loss": math.nan, "accuracy": math.nan, "examples": 0.0}
+    return {"loss": total_loss / n_total, "accuracy": correct / n_total, "examples": float(n_total)}
