@@ -142,6 +142,12 @@ class LoggingConfig(_Section):
     dir: str = "runs"
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
 
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false
+        return "off" if v is False else v
+
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
@@ -191,6 +197,8 @@ def _walk(model: Any, loc: tuple[Any, ...]) -> Any:
 
 def parse_value(text: str) -> Any:
     """A command-line value: YAML scalars (1, 0.5, true, null, [1, 2]) or a plain string."""
+    if text.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
+        return text.strip()  # YAML 1.1 would turn these words into booleans
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

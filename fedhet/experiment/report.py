@@ -46,15 +46,16 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=max(Console().width, 120))
     table = Table(title=title)
     for _, header, kind in COLUMNS:
         table.add_column(header, justify="left" if not kind else "right")
     for r in table_rows(rows):
         table.add_row(*r)
-    Console().print(table)
+    console.print(table)
     personalized = [r["variant"] for r in rows if r.get("metric") == "clients/accuracy_mean"]
     if personalized:
-        Console().print(f"accuracy % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
+        console.print(f"accuracy % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
