@@ -50,9 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume: the config differs from the run's saved config in: {', '.join(diff)}")
     else:
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
+    run = build_run(cfg, run_dir)  # loads the data: errors surface before anything is written
+    if not args.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    run = build_run(cfg, run_dir)
     print(f"run directory: {run_dir}", file=sys.stderr)
     print(run.world.dataset.summary(), file=sys.stderr)
     try:
@@ -131,9 +132,13 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     name = args.name
+    found = False
     for kind, entries in _catalog().items():
         if name not in entries:
             continue
+        if found:
+            print()
+        found = True
         obj = entries[name]
         print(f"{name} ({kind[:-1]})")
         if kind == "algorithms":
@@ -157,8 +162,9 @@ def cmd_describe(args: argparse.Namespace) -> int:
             from fedhet.devices import fleet
 
             print(inspect.getdoc(fleet) or "")
+    if found:
         return 0
-    names = sorted(n for entries in _catalog().values() for n in entries)
+    names = sorted({n for entries in _catalog().values() for n in entries})
     print(f"fedhet describe: unknown name {name!r}; allowed: {', '.join(names)}", file=sys.stderr)
     return 2
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
+from fedhet.core.messages import ModelSize
 from fedhet.core.registry import ALGORITHMS
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
@@ -31,10 +34,16 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
     cls = ALGORITHMS.get(cfg.algorithm.name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     extra = dict(cfg.algorithm.model_extra or {})
-    for key in extra:
+    hints = typing.get_type_hints(cls)
+    for key, value in extra.items():
         if key not in fields or key in ("local", "server"):
             allowed = ", ".join(n for n in fields if n not in ("local", "server")) or "(none)"
             raise ConfigError(f"algorithm.{key}: unknown field for algorithm {cfg.algorithm.name!r}; allowed: {allowed}")
+        try:
+            checked = TypeAdapter(hints[key]).validate_python(value)
+            extra[key] = value if checked == value else checked  # keep 0 as the user wrote it
+        except ValidationError as err:
+            raise ConfigError(f"algorithm.{key}: got {value!r}, allowed: {err.errors()[0]['msg'].lower()}") from None
     try:
         local = LocalTraining(**cfg.local.model_dump())
         kwargs: dict[str, Any] = {"local": local, **extra}
@@ -98,6 +107,10 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     world = ClientWorld(fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device))
+    try:  # a misspelt model option fails here, before any training
+        world.build_model(ModelSize().as_config())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.options: {err}") from None
     fleet = Fleet(
         tiers=tuple(tiers),
         assignment=cfg.devices.assignment,

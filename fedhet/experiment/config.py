@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
 
@@ -117,6 +117,14 @@ class SelectionConfig(_Section):
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _one_of(self) -> SelectionConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError(
+                f"got clients_per_round={self.clients_per_round} and fraction={self.fraction}, allowed: one of them"
+            )
+        return self
+
 
 class RuntimeConfig(_Section):
     executor: Literal["sequential", "parallel"] = "sequential"
@@ -200,9 +208,16 @@ def parse_value(text: str) -> Any:
     if text.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
         return text.strip()  # YAML 1.1 would turn these words into booleans
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; a number is meant
+        try:
+            return float(value) if any(c in value for c in ".eE") or value.lower() in ("inf", "nan") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -1,0 +1,437 @@
+"""Run a round's clients in long-lived worker processes on one machine.
+
+``ParallelExecutor`` starts ``workers`` single-threaded processes once (one per core by default).
+On Linux they are forked, so each inherits the ``ClientWorld`` (the clients' data shards and the
+model builder) without a copy; elsewhere they are spawned and receive it pickled once. Each worker
+keeps its world, and its cache of built models, for the whole run.
+
+Per round the clients are split into contiguous chunks of the sorted client ids, balanced by
+example count, and every worker gets ONE message: the algorithm, an empty partial accumulator
+(``acc.empty()``) and, for each of its clients, the task, the ``ClientInfo`` and the store entry.
+Tasks that share one parameter dict (the global model) are pickled in that one message, so the
+global weights cross once per worker per round, not once per client. The worker runs its clients
+back to back with ``run_train``, folds them into the partial accumulator with ``fold`` (the code the
+sequential executor uses) and answers with ONE partial ``RoundOutcome`` plus the clients' new store
+entries. The main process merges the partials in worker order. The results are the same bits as
+``SequentialExecutor``'s: client randomness is keyed by (seed, round, client id), each worker runs
+with one intra-op thread, ``WeightedSum`` sums in float64 so grouping the clients does not change
+the float32 mean, and ``Collect`` only unions. (The sequential executor matches these bits when the
+main process also runs with one torch thread; with more threads some CPU kernels may round
+differently.)
+
+Messages go over ``multiprocessing`` pipes; the main process waits on them with
+``multiprocessing.connection.wait`` (no polling). Tensors are sent as raw out-of-band buffers
+(pickle protocol 5), so the only copies are the pipe's. A worker that dies (a crash, a kill, running
+out of memory) closes its pipe: the main process sees the end of file, stops the other workers and
+raises a ``RuntimeError`` naming the worker and the clients it held. Exceptions inside a client's
+``local_update`` never reach this far: ``run_train`` turns them into the client's failure.
+
+Workers run on the CPU only. With ``spawn`` (non-Linux systems) the usual ``multiprocessing`` rule
+applies: the script that starts a run must guard its entry point with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import struct
+import sys
+import traceback
+import weakref
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from fedhet.aggregation.base import Accumulator
+from fedhet.core.algorithm import Algorithm
+from fedhet.core.messages import ClientInfo, ClientTask
+from fedhet.core.types import Metrics
+from fedhet.simulation.executors import Executor, RoundOutcome, fold
+from fedhet.simulation.store import ClientStore
+from fedhet.simulation.world import ClientWorld, run_eval, run_train
+
+__all__ = ["ParallelExecutor", "default_workers", "split_clients"]
+
+
+def default_workers() -> int:
+    """The number of cores this process may run on (one single-threaded worker per core)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not available on macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def split_clients(cids: Sequence[int], weights: Sequence[float], parts: int) -> list[list[int]]:
+    """Split ``cids`` (in the given order) into ``parts`` contiguous chunks of about equal total
+    weight. Chunk ``j`` ends where the running weight is closest to ``(j + 1) / parts`` of the total;
+    every chunk is non-empty when there are at least ``parts`` clients (with fewer, one client per
+    chunk and the last chunks empty). Deterministic."""
+    n = len(cids)
+    if len(weights) != n:
+        raise ValueError(f"split_clients: {n} clients but {len(weights)} weights")
+    if parts < 1:
+        raise ValueError(f"split_clients: parts is {parts}; allowed: >= 1")
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + max(float(w), 0.0))
+    total = prefix[-1]
+    if n <= parts:  # one client per chunk, the last chunks empty
+        return [[c] for c in cids] + [[] for _ in range(parts - n)]
+    bounds = [0]
+    for j in range(1, parts):
+        lo, hi = bounds[-1] + 1, n - (parts - j)  # this chunk and each later one keep a client
+        target = total * j / parts
+        # the first boundary whose running weight reaches the target, or the one before it if closer
+        i = bisect.bisect_left(prefix, target, lo, hi + 1)
+        candidates = [k for k in (i - 1, i) if lo <= k <= hi]
+        bounds.append(min(candidates, key=lambda k: (abs(prefix[k] - target), k)))
+    bounds.append(n)
+    return [list(cids[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+# ----------------------------------------------------------------------------------------- wire
+# A message is one frame holding the buffer sizes and the pickle stream, then one frame per buffer.
+# Plain CPU tensors are pickled as numpy arrays whose data travel out of band (pickle protocol 5):
+# the sender writes them straight from the tensor's memory, the receiver reads them into fresh
+# tensor storage. Anything else (Parameters, tensors that need grad, dtypes numpy lacks) takes
+# torch's own pickling.
+
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+
+def _tensor_from_array(array: Any) -> torch.Tensor:
+    return torch.from_numpy(array)
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is torch.Tensor
+            and obj.dtype in _NUMPY_DTYPES
+            and obj.device.type == "cpu"
+            and obj.layout is torch.strided
+            and not obj.requires_grad
+        ):
+            return _tensor_from_array, (obj.detach().resolve_conj().resolve_neg().contiguous().numpy(),)
+        return NotImplemented
+
+
+def _encode(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` without sending anything yet (so an unpicklable message leaves the pipes clean)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
+    views = [b.raw() for b in buffers]
+    head = struct.pack(f"<Q{len(views)}Q", len(views), *(v.nbytes for v in views))
+    return head + stream.getvalue(), views
+
+
+def _write(conn: Connection, message: tuple[bytes, list[memoryview]]) -> None:
+    head, views = message
+    conn.send_bytes(head)
+    for view in views:
+        conn.send_bytes(view)
+
+
+def _read(conn: Connection) -> Any:
+    head = conn.recv_bytes()
+    (count,) = struct.unpack_from("<Q", head)
+    sizes = struct.unpack_from(f"<{count}Q", head, 8)
+    buffers = []
+    for size in sizes:
+        storage = torch.empty(size, dtype=torch.uint8)  # torch's allocator: aligned, and a tensor can own it
+        array = storage.numpy()
+        conn.recv_bytes_into(array)
+        buffers.append(array)
+    return pickle.loads(memoryview(head)[8 + 8 * count :], buffers=buffers)
+
+
+def _send(conn: Connection, obj: Any) -> None:
+    _write(conn, _encode(obj))
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+
+class _Recorder(ClientStore):
+    """Collects the store entries ``fold`` writes, to send them back to the main process's store."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, dict[str, Any]] = {}
+
+    def get(self, cid: int) -> dict[str, Any]:
+        raise NotImplementedError("a worker's store entries come with its request")
+
+    def put(self, cid: int, state: dict[str, Any] | None) -> None:
+        self.saved[cid] = dict(state or {})
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return dict(self.saved)
+
+    def restore(self, snapshot: dict[int, dict[str, Any]]) -> None:
+        self.saved = dict(snapshot)
+
+
+def _handle(world: ClientWorld, request: tuple[Any, ...]) -> Any:
+    kind = request[0]
+    if kind == "train":
+        _, algorithm, partial, jobs = request
+        outcome = RoundOutcome(partial)
+        stores = _Recorder()
+        for cid, task, info, store in jobs:
+            fold(outcome, cid, task, run_train(algorithm, world, info, task, store), stores)
+        return outcome, stores.saved
+    if kind == "eval":
+        _, algorithm, jobs = request
+        return {cid: run_eval(algorithm, world, info, task, store) for cid, task, info, store in jobs}
+    raise ValueError(f"unknown request {kind!r}")
+
+
+def _worker_main(index: int, conn: Connection, world: ClientWorld, inherited: list[Connection]) -> None:
+    # A forked worker holds copies of the main process's ends of the earlier workers' pipes; closing
+    # them lets each of those workers see the end of file when the main process goes away.
+    for other in inherited:
+        other.close()
+    # Ctrl-C goes to the whole process group; the main process handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    while True:
+        try:
+            request = _read(conn)
+        except (EOFError, OSError):
+            return  # the main process is gone
+        if request is None:
+            return
+        try:
+            reply: Any = ("ok", _handle(world, request))
+            message = _encode(reply)
+        except Exception:
+            message = _encode(("error", traceback.format_exc()))
+        try:
+            _write(conn, message)
+        except OSError:
+            return
+
+
+# ------------------------------------------------------------------------------------- main side
+
+
+class _Workers:
+    """The worker processes and the main process's ends of their pipes. Kept apart from the
+    executor so that a finalizer can stop them without holding the executor alive."""
+
+    def __init__(self, ctx: Any, world: ClientWorld, count: int) -> None:
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        self.closed = False
+        fork = ctx.get_start_method() == "fork"
+        try:
+            for i in range(count):
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(i, child, world, list(self.conns) if fork else []),
+                    name=f"fedhet-worker-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                # only the worker may hold its end: then its death is an end of file here
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def died(self, worker: int, cids: Sequence[int], when: str) -> RuntimeError:
+        proc = self.procs[worker]
+        proc.join(timeout=2.0)
+        code = proc.exitcode
+        if code is None:
+            how = "its pipe closed"
+        elif code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        return RuntimeError(
+            f"parallel executor: worker {worker} (pid {proc.pid}) died ({how}) {when} clients "
+            f"{list(cids)}; the round cannot complete and the workers were stopped. A client's "
+            "exception is reported as that client's failure, so this is a crash of the process "
+            "itself (segfault, out of memory, killed); rerun with runtime.executor=sequential to debug."
+        )
+
+    def call(self, requests: dict[int, Any], clients: dict[int, list[int]]) -> dict[int, Any]:
+        """Send each worker its one request, then collect the replies as they come."""
+        if self.closed:
+            raise RuntimeError("parallel executor: it is closed (its workers were stopped); build a new one")
+        # encode everything first: a message that cannot be pickled raises here with nothing sent
+        messages = {w: _encode(req) for w, req in requests.items()}
+        try:
+            for w, message in messages.items():
+                try:
+                    _write(self.conns[w], message)
+                except OSError:
+                    raise self.died(w, clients[w], "before receiving") from None
+            del messages
+            pending = {self.conns[w]: w for w in requests}
+            replies: dict[int, Any] = {}
+            while pending:
+                for conn in wait(list(pending)):
+                    w = pending.pop(conn)  # type: ignore[call-overload]
+                    try:
+                        status, value = _read(conn)
+                    except (EOFError, OSError):
+                        raise self.died(w, clients[w], "while running") from None
+                    if status != "ok":
+                        raise RuntimeError(
+                            f"parallel executor: worker {w} failed outside client code while running "
+                            f"clients {clients[w]}:\n{value}"
+                        )
+                    replies[w] = value
+            return replies
+        except BaseException:
+            # replies still in flight would be read as the next round's: stop everything
+            self.shutdown()
+            raise
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.conns:
+            try:
+                _send(conn, None)
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=timeout)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            try:
+                proc.close()
+            except ValueError:
+                pass
+
+
+def _start_method() -> str:
+    if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
+class ParallelExecutor(Executor):
+    """Clients in ``workers`` long-lived single-threaded CPU processes; same results as the
+    sequential executor.
+
+    Args:
+        world: the client world; forked workers share its data with this process.
+        store: the client store, kept in this process; entries travel with each request.
+        workers: number of worker processes (default: one per available core).
+        start_method: ``fork`` (default on Linux) or ``spawn`` (default elsewhere).
+    """
+
+    def __init__(
+        self, world: ClientWorld, store: ClientStore, workers: int | None = None, *, start_method: str | None = None
+    ) -> None:
+        super().__init__(world, store)
+        device = world.torch_device
+        if device.type != "cpu":
+            raise ValueError(
+                f"runtime.executor: the parallel executor runs clients in CPU worker processes, but "
+                f"runtime.device is {world.device!r}; use runtime.executor=sequential on a GPU "
+                "(one worker per GPU is not supported)"
+            )
+        count = default_workers() if workers is None else int(workers)
+        if count < 1:
+            raise ValueError(f"runtime.workers: got {workers!r}, allowed: an integer >= 1")
+        self.workers = count
+        self.start_method = start_method or _start_method()
+        self._workers = _Workers(mp.get_context(self.start_method), world, count)
+        # stops the workers when the executor is closed, garbage-collected, or at interpreter exit
+        self._finalizer = weakref.finalize(self, self._workers.shutdown)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [p.pid for p in self._workers.procs]
+
+    def _chunks(self, cids: list[int], weights: list[float]) -> dict[int, list[int]]:
+        chunks = split_clients(cids, weights, self.workers)
+        return {w: chunk for w, chunk in enumerate(chunks) if chunk}
+
+    def _jobs(self, chunk: list[int], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]) -> list[tuple[Any, ...]]:
+        return [(cid, tasks[cid], infos[cid], self.store.get(cid)) for cid in chunk]
+
+    def train(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], acc: Accumulator
+    ) -> RoundOutcome:
+        outcome = RoundOutcome(acc)
+        cids = sorted(tasks)
+        if not cids:
+            return outcome
+        # +1: a client with no examples still costs a model load and an upload
+        chunks = self._chunks(cids, [infos[c].num_train + 1.0 for c in cids])
+        requests = {w: ("train", algorithm, acc.empty(), self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
+        replies = self._workers.call(requests, chunks)
+        saved: dict[int, dict[str, Any]] = {}
+        for w in sorted(replies):
+            part, stores = replies[w]
+            outcome.acc.merge(part.acc)
+            outcome.metrics.update(part.metrics)
+            outcome.bytes_up.update(part.bytes_up)
+            outcome.failures.update(part.failures)
+            saved.update(stores)
+        # the same key order as the sequential executor's (client-id order)
+        outcome.metrics = {c: outcome.metrics[c] for c in sorted(outcome.metrics)}
+        outcome.bytes_up = {c: outcome.bytes_up[c] for c in sorted(outcome.bytes_up)}
+        outcome.failures = {c: outcome.failures[c] for c in sorted(outcome.failures)}
+        for cid in sorted(saved):
+            self.store.put(cid, saved[cid])
+        return outcome
+
+    def evaluate(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
+    ) -> dict[int, Metrics | str]:
+        cids = sorted(tasks)
+        if not cids:
+            return {}
+        chunks = self._chunks(cids, [infos[c].num_test + 1.0 for c in cids])
+        requests = {w: ("eval", algorithm, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
+        replies = self._workers.call(requests, chunks)
+        merged: dict[int, Metrics | str] = {}
+        for w in sorted(replies):
+            merged.update(replies[w])
+        return {cid: merged[cid] for cid in cids}
+
+    def close(self) -> None:
+        self._finalizer()

@@ -1,0 +1,131 @@
+"""fedhet.aggregation.mean: weighted mean by hand arithmetic, grouping-free merges, buffers."""
+
+import itertools
+
+import pytest
+import torch
+
+from fedhet.aggregation.mean import WeightedSum, weighted_mean
+from fedhet.core.messages import ClientResult, ClientTask
+
+
+def test_weighted_mean_two_clients_weights_1_and_3():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[4.0]])}
+    b = {"w": torch.tensor([5.0, 10.0]), "b": torch.tensor([[0.0]])}
+    out = weighted_mean([a, b], [1, 3])
+    # (1*1 + 3*5)/4 = 4, (1*2 + 3*10)/4 = 8, (1*4 + 3*0)/4 = 1
+    assert torch.equal(out["w"], torch.tensor([4.0, 8.0]))
+    assert torch.equal(out["b"], torch.tensor([[1.0]]))
+    assert out["w"].dtype == torch.float32
+
+
+def test_weighted_mean_three_clients():
+    ps = [
+        {"x": torch.tensor([0.0, 1.0, -2.0])},
+        {"x": torch.tensor([3.0, 1.0, 2.0])},
+        {"x": torch.tensor([6.0, 4.0, 0.0])},
+    ]
+    out = weighted_mean(ps, [2, 1, 1])
+    # x0: (0*2 + 3 + 6)/4 = 2.25 ; x1: (2 + 1 + 4)/4 = 1.75 ; x2: (-4 + 2 + 0)/4 = -0.5
+    assert torch.equal(out["x"], torch.tensor([2.25, 1.75, -0.5]))
+
+
+def test_weighted_mean_zero_weight_client_is_ignored():
+    out = weighted_mean([{"x": torch.tensor([1.0])}, {"x": torch.tensor([100.0])}], [2, 0])
+    assert torch.equal(out["x"], torch.tensor([1.0]))
+
+
+def test_weighted_mean_rejects_negative_weights_and_bad_lengths():
+    p = {"x": torch.tensor([1.0])}
+    with pytest.raises(ValueError, match=r"weight -1.* negative; allowed: weights >= 0"):
+        weighted_mean([p, p], [1, -1])
+    with pytest.raises(ValueError, match="2 parameter sets but 1 weights"):
+        weighted_mean([p, p], [1])
+    with pytest.raises(ValueError, match="no parameter sets"):
+        weighted_mean([], [])
+
+
+def test_integer_buffers_are_rounded_and_keep_their_dtype():
+    a = {"n": torch.tensor([1, 2], dtype=torch.int64)}
+    b = {"n": torch.tensor([2, 3], dtype=torch.int64)}
+    out = weighted_mean([a, b], [1, 3])
+    # (1 + 6)/4 = 1.75 -> 2 ; (2 + 9)/4 = 2.75 -> 3
+    assert out["n"].dtype == torch.int64
+    assert torch.equal(out["n"], torch.tensor([2, 3]))
+
+
+def test_uncovered_names_keep_the_reference_value():
+    acc = WeightedSum()
+    acc.add_params({"w": torch.tensor([2.0])}, 1.0)
+    ref = {"w": torch.tensor([0.0]), "z": torch.tensor([7.0, 8.0])}
+    out = acc.mean(ref)
+    assert torch.equal(out["w"], torch.tensor([2.0]))
+    assert torch.equal(out["z"], ref["z"])
+    assert out["z"].data_ptr() != ref["z"].data_ptr()  # a copy, not the reference itself
+    out["z"][0] = -1.0
+    assert ref["z"][0] == 7.0
+
+
+def test_zero_total_weight_keeps_everything():
+    acc = WeightedSum()
+    acc.add_params({"w": torch.tensor([5.0])}, 0.0)
+    assert torch.equal(acc.mean({"w": torch.tensor([1.5])})["w"], torch.tensor([1.5]))
+    assert torch.equal(WeightedSum().mean({"w": torch.tensor([1.5])})["w"], torch.tensor([1.5]))
+
+
+def _result(params, n):
+    return ClientResult(params=params, num_examples=n)
+
+
+def test_add_uses_example_counts_or_uniform_weights():
+    task = ClientTask(round=1, params={})
+    ex, un = WeightedSum("examples"), WeightedSum("uniform")
+    for cid, (v, n) in enumerate([(1.0, 1), (5.0, 3)]):
+        ex.add(cid, task, _result({"x": torch.tensor([v])}, n))
+        un.add(cid, task, _result({"x": torch.tensor([v])}, n))
+    ref = {"x": torch.tensor([0.0])}
+    assert torch.equal(ex.mean(ref)["x"], torch.tensor([4.0]))  # (1 + 15)/4
+    assert torch.equal(un.mean(ref)["x"], torch.tensor([3.0]))  # (1 + 5)/2
+    assert ex.count == un.count == 2 and ex.total == 4.0 and un.total == 2.0
+    with pytest.raises(ValueError, match="weighting: got 'median', allowed: examples, uniform"):
+        WeightedSum("median")
+
+
+def test_merge_of_partial_sums_equals_one_sum_bitwise_for_every_grouping():
+    g = torch.Generator().manual_seed(0)
+    clients = [({"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)}, n) for n in (3, 107, 5, 64)]
+    task = ClientTask(round=1, params={})
+    ref = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+
+    whole = WeightedSum()
+    for cid, (p, n) in enumerate(clients):
+        whole.add(cid, task, _result(p, n))
+    expected = whole.mean(ref)
+
+    ids = list(range(len(clients)))
+    for order in itertools.permutations(ids):
+        for cut in range(1, len(ids)):
+            left, right = WeightedSum(), WeightedSum()
+            for cid in order[:cut]:
+                left.add(cid, task, _result(*clients[cid]))
+            for cid in order[cut:]:
+                right.add(cid, task, _result(*clients[cid]))
+            merged = left.empty()
+            merged.merge(right)
+            merged.merge(left)
+            got = merged.mean(ref)
+            assert merged.count == 4 and merged.total == 3 + 107 + 5 + 64
+            for name in ref:
+                assert torch.equal(got[name], expected[name]), (order, cut, name)
+
+
+def test_merge_does_not_alias_the_other_accumulator():
+    a, b = WeightedSum(), WeightedSum()
+    b.add_params({"x": torch.tensor([1.0])}, 1.0)
+    a.merge(b)
+    a.add_params({"x": torch.tensor([2.0])}, 1.0)
+    assert torch.equal(b.sums["x"], torch.tensor([1.0], dtype=torch.float64))
+
+
+def test_empty_keeps_the_weighting():
+    assert WeightedSum("uniform").empty().weighting == "uniform"

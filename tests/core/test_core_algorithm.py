@@ -1,0 +1,117 @@
+"""fedhet.core: result checks, parameter helpers, messages and the registry."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from fedhet.core.algorithm import ClientError, check_result, describe, load_params, model_params, trainable_names
+from fedhet.core.messages import ClientResult, ModelSize
+from fedhet.core.registry import ALGORITHMS, Registry
+from fedhet.core.types import clone_params, params_nbytes
+
+
+def _expected():
+    return {"w": torch.zeros(2, 3), "n": torch.tensor(0)}
+
+
+def test_check_result_accepts_a_matching_result():
+    check_result(_expected(), ClientResult({"w": torch.ones(2, 3), "n": torch.tensor(5)}, num_examples=0))
+
+
+@pytest.mark.parametrize(
+    "params, n, message",
+    [
+        ({"w": torch.ones(2, 3), "n": torch.tensor(1)}, -1, "num_examples is -1; allowed: >= 0"),
+        ({"w": torch.ones(2, 3)}, 1, "missing ['n']"),
+        ({"w": torch.ones(2, 3), "n": torch.tensor(1), "x": torch.ones(1)}, 1, "extra ['x']"),
+        ({"w": torch.ones(3, 2), "n": torch.tensor(1)}, 1, "w: shape (3, 2), expected (2, 3)"),
+        (
+            {"w": torch.tensor([[1.0, math.nan, 0.0], [0.0, 0.0, 0.0]]), "n": torch.tensor(1)},
+            1,
+            "w: contains NaN or inf",
+        ),
+        ({"w": torch.full((2, 3), -math.inf), "n": torch.tensor(1)}, 1, "w: contains NaN or inf"),
+    ],
+)
+def test_check_result_rejects(params, n, message):
+    with pytest.raises(ClientError) as err:
+        check_result(_expected(), ClientResult(params, num_examples=n))
+    assert message in str(err.value)
+
+
+def test_model_params_are_detached_copies_with_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    params = model_params(model)
+    assert set(params) == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
+    assert trainable_names(model) == frozenset({"0.weight", "0.bias", "1.weight", "1.bias"})
+    params["0.weight"].fill_(3.0)
+    assert not torch.equal(model[0].weight.detach(), params["0.weight"])
+    assert not params["0.weight"].requires_grad
+    load_params(model, params)
+    assert torch.equal(model[0].weight.detach(), torch.full((2, 2), 3.0))
+    del params["1.running_mean"]
+    with pytest.raises(RuntimeError):
+        load_params(model, params)  # strict: every state-dict entry must be present
+
+
+def test_clone_and_nbytes():
+    p = {
+        "a": torch.zeros(3, dtype=torch.float32),
+        "b": torch.zeros(2, dtype=torch.float64),
+        "c": torch.zeros(5, dtype=torch.int64),
+    }
+    assert params_nbytes(p) == 3 * 4 + 2 * 8 + 5 * 8
+    c = clone_params(p)
+    c["a"][0] = 1.0
+    assert p["a"][0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"width": 0.0}, "width"), ({"width": 1.5}, "width"), ({"depth": 0}, "depth"), ({"density": 0.0}, "density")],
+)
+def test_model_size_validation(kwargs, field):
+    with pytest.raises(ValueError, match=rf"ModelSize\.{field}: got"):
+        ModelSize(**kwargs)
+
+
+def test_model_size_scale_orders_sizes():
+    assert ModelSize(width=0.5).scale() < ModelSize().scale()
+    assert ModelSize(depth=2).scale() < ModelSize(depth=3).scale() < ModelSize().scale()
+    assert ModelSize(width=0.5, depth=2, density=0.5).as_config() == {"width": 0.5, "depth": 2, "density": 0.5}
+
+
+def test_describe_nests_dataclasses():
+    @dataclass(frozen=True)
+    class Inner:
+        a: int = 1
+
+    @dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()
+        b: float = 0.5
+
+    assert describe(Outer()) == {"inner": {"a": 1}, "b": 0.5}
+
+
+def test_registry_errors():
+    reg = Registry("widget")
+    reg.register("a")(int)
+    reg.register("a")(int)  # the same object again is fine
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        reg.register("a")(float)
+    with pytest.raises(KeyError, match="unknown widget 'b'; allowed: a"):
+        reg.get("b")
+    assert reg.names() == ["a"] and "a" in reg and list(reg) == ["a"]
+    assert {"fedavg", "fedprox", "feddyn", "local"} <= set(ALGORITHMS.names())

@@ -1,0 +1,92 @@
+"""fedhet.experiment.logging and compare: run files, resume truncation, comparisons."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from fedhet.experiment.compare import headline_metric, load_comparison, summarize
+from fedhet.experiment.config import ConfigError
+from fedhet.experiment.logging import CLIENTS, CSV, METRICS, RunLog, read_jsonl
+
+
+def test_log_round_writes_jsonl_csv_and_clients(tmp_path):
+    log = RunLog(tmp_path)
+    log.log_round({"round": 1, "loss": 0.5}, [{"round": 1, "client": 0, "x": math.nan}])
+    log.log_round({"round": 2, "loss": math.inf, "acc": 0.75}, [{"round": 2, "client": 1}])
+    assert read_jsonl(tmp_path / METRICS) == [{"round": 1, "loss": 0.5}, {"round": 2, "loss": None, "acc": 0.75}]
+    assert read_jsonl(tmp_path / CLIENTS) == [{"round": 1, "client": 0, "x": None}, {"round": 2, "client": 1}]
+    with open(tmp_path / CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"round": "1", "loss": "0.5", "acc": ""}, {"round": "2", "loss": "", "acc": "0.75"}]
+    assert log.rows == read_jsonl(tmp_path / METRICS)
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
+    (tmp_path / METRICS).write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)) + '{"round": 4, "lo')
+    (tmp_path / CLIENTS).write_text("".join(json.dumps({"round": r, "client": 0}) + "\n" for r in (1, 2, 3)))
+    log = RunLog(tmp_path, resume_round=2)
+    assert log.rows == [{"round": 1}, {"round": 2}]
+    assert read_jsonl(tmp_path / METRICS) == [{"round": 1}, {"round": 2}]
+    assert [r["round"] for r in read_jsonl(tmp_path / CLIENTS)] == [1, 2]
+    log.log_round({"round": 3}, [])
+    assert [r["round"] for r in read_jsonl(tmp_path / METRICS)] == [1, 2, 3]
+
+
+def test_a_fresh_log_removes_old_files(tmp_path):
+    for name in (METRICS, CLIENTS, CSV):
+        (tmp_path / name).write_text("old\n")
+    RunLog(tmp_path)
+    assert not any((tmp_path / n).exists() for n in (METRICS, CLIENTS, CSV))
+
+
+def test_read_jsonl_stops_at_a_broken_line(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    assert read_jsonl(tmp_path / "x.jsonl") == [{"a": 1}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_load_comparison_merges_variants_over_the_base(tmp_path):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(
+        "name: t\n"
+        "base: {rounds: 2, local: {lr: 0.1, epochs: 2}, model: {options: {hidden: [8, 8]}}}\n"
+        "variants:\n"
+        "  A: {algorithm: {name: fedprox, mu: 0.5}, local: {lr: 0.2}}\n"
+        "  B: {model: {options: {hidden: [4]}}}\n"
+    )
+    cmp = load_comparison(path, ["rounds=3"])
+    assert cmp.name == "t" and list(cmp.variants) == ["A", "B"]
+    a, b = cmp.variants["A"], cmp.variants["B"]
+    assert (a.rounds, a.local.lr, a.local.epochs, a.algorithm.model_extra) == (3, 0.2, 2, {"mu": 0.5})
+    assert b.model.options == {"hidden": [4]}  # options are replaced whole, not merged key by key
+    assert b.algorithm.name == "fedavg" and b.local.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: {}\nvariants:\n  A: {algorithm: {name: nosuch}}\n", "variants.A: algorithm.name: got 'nosuch'"),
+        ("base: {}\nvariants: {}\n", "variants: empty"),
+        ("base: {}\n", "needs 'base' and 'variants'"),
+        ("base: {}\nvariants: {A: {}}\nextra: 1\n", "extra: unknown key in a comparison"),
+    ],
+)
+def test_comparison_errors(tmp_path, text, message):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_comparison(path)
+
+
+def test_summarize_and_headline_metric():
+    history = [
+        {"round": 1, "eval/global/accuracy": 0.5, "bytes_up": 10, "bytes_down": 20, "train_flops": 5.0, "failures": 1},
+        {"round": 2, "eval/global/accuracy": 0.4, "bytes_up": 10, "bytes_down": 20, "train_flops": 5.0, "failures": 0},
+    ]
+    s = summarize("v", history, 1.5)
+    assert s["metric"] == "eval/global/accuracy"
+    assert (s["final_accuracy"], s["best_accuracy"]) == (0.4, 0.5)
+    assert (s["bytes_total"], s["train_flops"], s["failures"], s["rounds"]) == (60, 10.0, 1, 2)
+    assert headline_metric({"clients/accuracy_mean": 0.7}) == ("clients/accuracy_mean", 0.7)

@@ -1,0 +1,222 @@
+"""fedhet.training.local: the one local loop (steps, lr schedule, determinism) and evaluate()."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedhet.data.base import ArrayDataset
+from fedhet.training.local import LocalTraining, evaluate, train
+
+
+def mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+def _line(w: float) -> nn.Linear:
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(w)
+    return m
+
+
+def _regression(n: int) -> ArrayDataset:
+    x = torch.arange(1, n + 1, dtype=torch.float32).reshape(n, 1) / n
+    return ArrayDataset(x, 2.0 * x + 0.5)
+
+
+def test_max_steps_stops_mid_epoch_and_across_epochs():
+    data = _regression(10)  # batch 2 -> 5 steps per epoch
+    stats = train(
+        _line(0.0), data, LocalTraining(epochs=3, batch_size=2, lr=0.1), torch.Generator().manual_seed(0), loss_fn=mse
+    )
+    assert (stats.steps, stats.examples) == (15, 30)
+    stats = train(
+        _line(0.0),
+        data,
+        LocalTraining(epochs=3, batch_size=2, lr=0.1, max_steps=4),
+        torch.Generator().manual_seed(0),
+        loss_fn=mse,
+    )
+    assert (stats.steps, stats.examples) == (4, 8)
+    stats = train(
+        _line(0.0),
+        data,
+        LocalTraining(epochs=3, batch_size=2, lr=0.1, max_steps=7),
+        torch.Generator().manual_seed(0),
+        loss_fn=mse,
+    )
+    assert (stats.steps, stats.examples) == (7, 14)
+    # a last partial batch counts as a step: 10 examples, batch 4 -> 4 + 4 + 2
+    stats = train(
+        _line(0.0), data, LocalTraining(epochs=1, batch_size=4, lr=0.1), torch.Generator().manual_seed(0), loss_fn=mse
+    )
+    assert (stats.steps, stats.examples) == (3, 10)
+
+
+def test_lr_decay_schedule():
+    spec = LocalTraining(lr=0.1, lr_decay=0.5)
+    assert spec.lr_at(1) == 0.1
+    assert spec.lr_at(2) == 0.05
+    assert spec.lr_at(3) == 0.025
+    assert LocalTraining(lr=0.1).lr_at(7) == 0.1
+
+
+@pytest.mark.parametrize("rnd, lr", [(1, 0.1), (3, 0.025)])
+def test_one_full_batch_step_uses_the_round_learning_rate(rnd, lr):
+    # loss (w*x - y)^2 at x=2, y=1, w=1.5: d/dw = 2*(3 - 1)*2 = 8 ; w' = 1.5 - lr*8
+    model = _line(1.5)
+    data = ArrayDataset(torch.tensor([[2.0]]), torch.tensor([[1.0]]))
+    stats = train(
+        model, data, LocalTraining(lr=0.1, lr_decay=0.5, batch_size=1), torch.Generator(), rnd=rnd, loss_fn=mse
+    )
+    assert stats.steps == 1
+    assert stats.loss == pytest.approx(4.0)  # (3 - 1)^2, before the step
+    assert model.weight.item() == pytest.approx(1.5 - lr * 8, abs=1e-6)
+
+
+def test_momentum_and_weight_decay_reach_the_optimizer():
+    # two steps on a constant-gradient loss w*3: SGD with momentum 0.5 moves 3*lr, then 3*lr*(1 + 0.5)
+    model = _line(0.0)
+    data = ArrayDataset(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [0.0]]))
+    train(
+        model,
+        data,
+        LocalTraining(batch_size=1, lr=0.1, momentum=0.5),
+        torch.Generator(),
+        loss_fn=lambda o, y: 3.0 * o.sum(),
+    )
+    assert model.weight.item() == pytest.approx(-(0.3 + 0.45), abs=1e-6)
+    # weight decay 0.5 on a zero loss: w' = w - lr*0.5*w = 2 - 0.1 = 1.9 (one step)
+    model = _line(2.0)
+    train(
+        model,
+        ArrayDataset(torch.tensor([[1.0]]), torch.tensor([[0.0]])),
+        LocalTraining(batch_size=1, lr=0.1, weight_decay=0.5),
+        torch.Generator(),
+        loss_fn=lambda o, y: 0.0 * o.sum(),
+    )
+    assert model.weight.item() == pytest.approx(1.9, abs=1e-6)
+
+
+def test_grad_clip_limits_the_step():
+    # gradient 8 clipped to norm 1: w' = 1.5 - 0.1*1
+    model = _line(1.5)
+    data = ArrayDataset(torch.tensor([[2.0]]), torch.tensor([[1.0]]))
+    train(model, data, LocalTraining(batch_size=1, lr=0.1, grad_clip=1.0), torch.Generator(), loss_fn=mse)
+    assert model.weight.item() == pytest.approx(1.4, abs=1e-6)
+
+
+def test_terms_and_hooks_are_applied():
+    seen = []
+    model = _line(1.0)
+    data = ArrayDataset(torch.tensor([[1.0]]), torch.tensor([[0.0]]))
+    # zero data loss + term 5*w -> gradient 5 ; the hook doubles it -> w' = 1 - 0.1*10 = 0
+    train(
+        model,
+        data,
+        LocalTraining(batch_size=1, lr=0.1),
+        torch.Generator(),
+        loss_fn=lambda o, y: 0.0 * o.sum(),
+        terms=[lambda m: 5.0 * m.weight.sum()],
+        after_backward=[lambda m: (seen.append(m.weight.grad.item()), m.weight.grad.mul_(2.0))],
+    )
+    assert seen == [5.0]
+    assert model.weight.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_training_is_deterministic_given_the_generator_and_ignores_global_rng():
+    g = torch.Generator().manual_seed(1)
+    data = ArrayDataset(torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g))
+    spec = LocalTraining(epochs=2, batch_size=3, lr=0.1)
+
+    def run(seed, global_seed):
+        model = _mlp()
+        torch.manual_seed(global_seed)
+        stats = train(model, data, spec, torch.Generator().manual_seed(seed))
+        return [p.detach().clone() for p in model.parameters()], stats
+
+    a, sa = run(5, 100)
+    b, sb = run(5, 200)
+    c, _ = run(6, 100)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert sa.loss == sb.loss and sa.accuracy == sb.accuracy
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_parameters_argument_restricts_what_is_updated():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    data = ArrayDataset(torch.ones(4, 2), torch.tensor([0, 1, 0, 1]))
+    train(model, data, LocalTraining(batch_size=2, lr=0.5), torch.Generator(), parameters=list(model[1].parameters()))
+    after = list(model.parameters())
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert not torch.equal(after[2], before[2])
+
+
+def _identity_classifier():
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.eye(2))
+        m.bias.zero_()
+    return m
+
+
+def test_evaluate_by_hand():
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 1])
+    m = _identity_classifier()
+    m.train()
+    # logits = x ; CE = log(e^a + e^b) - logit[y]
+    losses = [
+        math.log(math.exp(2) + 1) - 2,
+        math.log(1 + math.e) - 1,
+        math.log(math.e + 1) - 0,
+        math.log(1 + math.exp(3)) - 3,
+    ]
+    for bs in (256, 3):  # one batch, and batches of 3 + 1 (weighted by their sizes)
+        out = evaluate(m, ArrayDataset(x, y), batch_size=bs)
+        assert out["examples"] == 4.0
+        assert out["accuracy"] == 0.75  # argmax: 0, 1, 0, 1 vs labels 0, 1, 1, 1
+        assert out["loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert not m.training  # evaluation switches to eval mode
+
+
+def test_evaluate_empty_dataset():
+    out = evaluate(_identity_classifier(), ArrayDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
+    assert out["examples"] == 0.0 and math.isnan(out["loss"]) and math.isnan(out["accuracy"])
+
+
+def test_train_reports_loss_and_accuracy_before_each_step():
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 1])
+    m = _identity_classifier()
+    stats = train(m, ArrayDataset(x, y), LocalTraining(batch_size=4, lr=0.1), torch.Generator())
+    expected = (
+        math.log(math.exp(2) + 1) - 2 + math.log(1 + math.e) - 1 + math.log(math.e + 1) + math.log(1 + math.exp(3)) - 3
+    ) / 4
+    assert stats.loss == pytest.approx(expected, rel=1e-6)
+    assert stats.accuracy == 0.75
+    assert stats.as_metrics()["steps"] == 1.0 and stats.as_metrics()["examples_seen"] == 4.0
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("epochs", 0, "an integer >= 1"),
+        ("lr", 0.0, "> 0"),
+        ("lr_decay", 1.5, "0 < lr_decay <= 1"),
+        ("momentum", 1.0, "0 <= momentum < 1"),
+        ("max_steps", 0, "an integer >= 1 or null"),
+    ],
+)
+def test_local_training_validation(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        LocalTraining(**{field: value})
+    assert str(err.value) == f"local.{field}: got {value!r}, allowed: {allowed}"
