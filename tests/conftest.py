@@ -10,6 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import torch
+
 _sibling = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "FEDHET_DATA" not in os.environ and _sibling.is_dir():
     os.environ["FEDHET_DATA"] = str(_sibling)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one intra-op thread for a module: tiny models only lose to thread contention, and
+    a fixed count keeps bit-for-bit comparisons like for like."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

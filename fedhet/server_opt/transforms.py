@@ -236,12 +236,8 @@ def _adaptive_update(
 
 
 @dataclass(frozen=True)
-class ScaleByAdam(GradientTransformation[AdaptiveState]):
-    """Adam direction without bias correction: ``v ← β2 v + (1 − β2) g²``; output ``m / (√v + τ)``.
-
-    ``m ← β1 m + (1 − β1) g``, with ``m₀ = 0`` and ``v₀ = τ²`` (Reddi et al. 2021, Algorithm 2;
-    no bias correction, following the paper).
-    """
+class _ScaleByMoments(GradientTransformation[AdaptiveState]):
+    """Shared body of the adaptive directions that have both β1 and β2; subclasses pick the v rule."""
 
     b1: float = 0.9  # β1
     b2: float = 0.99  # β2
@@ -252,15 +248,30 @@ class ScaleByAdam(GradientTransformation[AdaptiveState]):
         check.decay("b2", self.b2)
         check.positive("tau", self.tau)
 
+    @staticmethod
+    def second_moment(v: torch.Tensor, g2: torch.Tensor, b2: float) -> torch.Tensor:
+        raise NotImplementedError
+
     def init(self, params: Params) -> AdaptiveState:
         return _adaptive_init(params, self.tau)
 
     def update(self, grads: Params, state: AdaptiveState, params: Params) -> tuple[Params, AdaptiveState]:
-        return _adaptive_update(grads, state, self.b1, self.b2, self.tau, _adam_v)
+        return _adaptive_update(grads, state, self.b1, self.b2, self.tau, self.second_moment)
 
 
 @dataclass(frozen=True)
-class ScaleByYogi(GradientTransformation[AdaptiveState]):
+class ScaleByAdam(_ScaleByMoments):
+    """Adam direction without bias correction: ``v ← β2 v + (1 − β2) g²``; output ``m / (√v + τ)``.
+
+    ``m ← β1 m + (1 − β1) g``, with ``m₀ = 0`` and ``v₀ = τ²`` (Reddi et al. 2021, Algorithm 2;
+    no bias correction, following the paper).
+    """
+
+    second_moment = staticmethod(_adam_v)
+
+
+@dataclass(frozen=True)
+class ScaleByYogi(_ScaleByMoments):
     """Yogi direction: ``v ← v − (1 − β2) g² sign(v − g²)``; output ``m / (√v + τ)``.
 
     ``m ← β1 m + (1 − β1) g``, with ``m₀ = 0`` and ``v₀ = τ²`` (Reddi et al. 2021, Algorithm 2;
@@ -268,20 +279,7 @@ class ScaleByYogi(GradientTransformation[AdaptiveState]):
     after one large round.
     """
 
-    b1: float = 0.9  # β1
-    b2: float = 0.99  # β2
-    tau: float = 1e-3  # τ
-
-    def __post_init__(self) -> None:
-        check.decay("b1", self.b1)
-        check.decay("b2", self.b2)
-        check.positive("tau", self.tau)
-
-    def init(self, params: Params) -> AdaptiveState:
-        return _adaptive_init(params, self.tau)
-
-    def update(self, grads: Params, state: AdaptiveState, params: Params) -> tuple[Params, AdaptiveState]:
-        return _adaptive_update(grads, state, self.b1, self.b2, self.tau, _yogi_v)
+    second_moment = staticmethod(_yogi_v)
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,7 @@ from fedhet.simulation.loop import run_rounds
 from fedhet.training.local import LocalTraining
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fedavg_server_step_gives_exactly_the_target():

@@ -15,12 +15,7 @@ from fedhet.simulation.loop import run_rounds
 from fedhet.training.local import LocalTraining
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_local_runs_tiered_personal_models(tmp_path):

@@ -19,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMES = ALGORITHMS.names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(name, seed, rounds=2):

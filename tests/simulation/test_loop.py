@@ -31,13 +31,7 @@ BASE = [
 BAD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add contention (and a fixed count keeps bits comparable)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, name, overrides, algorithm=None, rounds=2):
