@@ -20,8 +20,9 @@ main process also runs with one torch thread; with more threads some CPU kernels
 differently.)
 
 Messages go over ``multiprocessing`` pipes; the main process waits on them with
-``multiprocessing.connection.wait`` (no polling). Tensors are sent as raw out-of-band buffers
-(pickle protocol 5), so the only copies are the pipe's. A worker that dies (a crash, a kill, running
+``multiprocessing.connection.wait`` (no polling). Tensors travel as raw out-of-band buffers
+(pickle protocol 5): written straight from the tensor's memory, read into new tensor storage, never
+copied into a pickle stream. A worker that dies (a crash, a kill, running
 out of memory) closes its pipe: the main process sees the end of file, stops the other workers and
 raises a ``RuntimeError`` naming the worker and the clients it held. Exceptions inside a client's
 ``local_update`` never reach this far: ``run_train`` turns them into the client's failure.
@@ -42,7 +43,7 @@ import struct
 import sys
 import traceback
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -283,8 +284,10 @@ class _Workers:
             "itself (segfault, out of memory, killed); rerun with runtime.executor=sequential to debug."
         )
 
-    def call(self, requests: dict[int, Any], clients: dict[int, list[int]]) -> dict[int, Any]:
-        """Send each worker its one request, then collect the replies as they come."""
+    def call(self, requests: dict[int, Any], clients: dict[int, list[int]], consume: Callable[[int, Any], None]) -> None:
+        """Send each worker its one request, then pass the replies to ``consume`` in worker order,
+        each as soon as it and every earlier worker's reply are in (the main process merges while
+        later workers still run, and holds few replies at once)."""
         if self.closed:
             raise RuntimeError("parallel executor: it is closed (its workers were stopped); build a new one")
         # encode everything first: a message that cannot be pickled raises here with nothing sent
@@ -296,8 +299,10 @@ class _Workers:
                 except OSError:
                     raise self.died(w, clients[w], "before receiving") from None
             del messages
+            order = sorted(requests)
+            done = 0
+            held: dict[int, Any] = {}
             pending = {self.conns[w]: w for w in requests}
-            replies: dict[int, Any] = {}
             while pending:
                 for conn in wait(list(pending)):
                     w = pending.pop(conn)  # type: ignore[call-overload]
@@ -310,8 +315,10 @@ class _Workers:
                             f"parallel executor: worker {w} failed outside client code while running "
                             f"clients {clients[w]}:\n{value}"
                         )
-                    replies[w] = value
-            return replies
+                    held[w] = value
+                while done < len(order) and order[done] in held:
+                    consume(order[done], held.pop(order[done]))
+                    done += 1
         except BaseException:
             # replies still in flight would be read as the next round's: stop everything
             self.shutdown()
@@ -402,15 +409,17 @@ class ParallelExecutor(Executor):
         # +1: a client with no examples still costs a model load and an upload
         chunks = self._chunks(cids, [infos[c].num_train + 1.0 for c in cids])
         requests = {w: ("train", algorithm, acc.empty(), self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
-        replies = self._workers.call(requests, chunks)
         saved: dict[int, dict[str, Any]] = {}
-        for w in sorted(replies):
-            part, stores = replies[w]
+
+        def merge(w: int, reply: tuple[RoundOutcome, dict[int, dict[str, Any]]]) -> None:
+            part, stores = reply
             outcome.acc.merge(part.acc)
             outcome.metrics.update(part.metrics)
             outcome.bytes_up.update(part.bytes_up)
             outcome.failures.update(part.failures)
             saved.update(stores)
+
+        self._workers.call(requests, chunks, merge)
         # the same key order as the sequential executor's (client-id order)
         outcome.metrics = {c: outcome.metrics[c] for c in sorted(outcome.metrics)}
         outcome.bytes_up = {c: outcome.bytes_up[c] for c in sorted(outcome.bytes_up)}
@@ -427,10 +436,8 @@ class ParallelExecutor(Executor):
             return {}
         chunks = self._chunks(cids, [infos[c].num_test + 1.0 for c in cids])
         requests = {w: ("eval", algorithm, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
-        replies = self._workers.call(requests, chunks)
         merged: dict[int, Metrics | str] = {}
-        for w in sorted(replies):
-            merged.update(replies[w])
+        self._workers.call(requests, chunks, lambda w, reply: merged.update(reply))
         return {cid: merged[cid] for cid in cids}
 
     def close(self) -> None:
