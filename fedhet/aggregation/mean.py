@@ -29,11 +29,12 @@ class WeightedSum(Accumulator):
 
     def add_params(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
         for name, value in params.items():
-            contrib = value.detach().to(device="cpu", dtype=torch.float64) * weight
+            value = value.detach().cpu()
             if name in self.sums:
-                self.sums[name] += contrib
+                # weight * value is exact in float64 (integer weights, float32 values): one rounding
+                self.sums[name].add_(value, alpha=weight)
             else:
-                self.sums[name] = contrib
+                self.sums[name] = value.to(torch.float64) * weight
         self.total += weight
         self.count += 1
 

@@ -112,7 +112,8 @@ class FedAvg(Algorithm[ServerState]):
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
         model = ctx.build_model(task.config)
         load_params(model, task.params)
-        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # θ_g as received (load_params copied it into the model, so the model never aliases it)
+        anchor = {n: task.params[n].to(ctx.device) for n, _ in model.named_parameters()}
         stats = train(
             model,
             ctx.train,
