@@ -32,7 +32,6 @@ class Local(Algorithm[LocalState]):
     """No hyperparameters beyond local training."""
 
     heterogeneous = True
-    personalized = True
 
     def init(self, setup: ServerSetup) -> LocalState:
         return LocalState()

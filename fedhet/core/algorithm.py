@@ -56,8 +56,6 @@ class Algorithm(Generic[S]):
     name: ClassVar[str] = ""
     #: True where clients may train sub-models of different sizes (width/depth/density)
     heterogeneous: ClassVar[bool] = False
-    #: True where the algorithm keeps one model per client and global evaluation does not apply
-    personalized: ClassVar[bool] = False
 
     local: LocalTraining = field(default_factory=LocalTraining)
 
