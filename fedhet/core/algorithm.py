@@ -21,6 +21,7 @@ from fedhet.aggregation.base import Accumulator, Collect
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
+from fedhet.data.base import ArrayDataset
 from fedhet.training.local import LocalTraining, evaluate
 
 S = TypeVar("S")
@@ -46,6 +47,8 @@ class ServerSetup:
     generator: torch.Generator
     #: builds a model of a given config (server-side uses: evaluation, statistics)
     build_model: Callable[[Config], nn.Module] | None = None
+    #: every model size a client may be given during the run (largest first)
+    sizes: Sequence[ModelSize] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +79,12 @@ class Algorithm(Generic[S]):
     def eval_targets(self, state: S) -> dict[str, tuple[Params, Config]]:
         """Models to evaluate on the global test set, by name (e.g. one per width)."""
         return {}
+
+    def eval_model(self, model: nn.Module, calibration: ArrayDataset) -> nn.Module:
+        """The model to evaluate for a global eval target, given the loaded ``model`` and the pooled
+        training data (``calibration``) for statistics the server may compute (HeteroFL's static BN).
+        Default: ``model`` itself."""
+        return model
 
     def configure_eval(self, state: S, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
         """Tasks for each client's evaluation on its own held-out split (default: the model it trains)."""

@@ -46,6 +46,15 @@ class FederatedDataset:
     def num_clients(self) -> int:
         return len(self.clients_train)
 
+    def pooled_train(self) -> ArrayDataset:
+        """Every client's training split concatenated (built once; no augmentation)."""
+        pooled = self.__dict__.get("_pooled")
+        if pooled is None:
+            parts = [d for d in self.clients_train if len(d)]
+            pooled = ArrayDataset(torch.cat([d.x for d in parts]), torch.cat([d.y for d in parts]))
+            self.__dict__["_pooled"] = pooled
+        return pooled
+
     def label_counts(self, cid: int) -> tuple[int, ...]:
         """How many training examples of each class client ``cid`` holds (length ``num_classes``)."""
         y = self.clients_train[cid].y.numpy()

@@ -54,6 +54,13 @@ class Fleet:
     def global_size(self) -> ModelSize:
         return smallest(self.tiers).size if self.policy == "all_small" else largest(self.tiers).size
 
+    @property
+    def sizes(self) -> tuple[ModelSize, ...]:
+        """Every size a client may be given (distinct, largest first)."""
+        if self.policy != "tiered":
+            return (self.global_size,)
+        return tuple(sorted({t.size for t in self.tiers}, key=lambda s: -s.scale()))
+
     def infos(self, rnd: int) -> list[ClientInfo]:
         """Every client's info in round ``rnd``, with the size the policy lets it train."""
         tier_idx = assign_tiers(self.num_clients, self.tiers, mode=self.assignment, seed=self.seed, rnd=rnd)

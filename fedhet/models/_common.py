@@ -52,3 +52,24 @@ def check_input_shape(model: str, input_shape: Any, ndim: int | None = None) -> 
             f"model {model!r}: input_shape must have {ndim} dimensions (channels, height, width), got {input_shape!r}"
         )
     return shape
+
+
+def check_depth(model: str, depth: int | None, blocks: int) -> int:
+    """The number of blocks kept at ``depth`` (``None``: all ``blocks``)."""
+    if depth is None:
+        return blocks
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= blocks:
+        raise ValueError(f"model {model!r}: depth must be an integer in 1..{blocks} (its blocks), got {depth!r}")
+    return depth
+
+
+def check_exits(model: str, exits: Any) -> str:
+    if exits not in ("last", "all"):
+        raise ValueError(f"model {model!r}: exits must be 'last' or 'all', got {exits!r}")
+    return str(exits)
+
+
+def check_flag(model: str, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"model {model!r}: {field} must be true or false, got {value!r}")
+    return value

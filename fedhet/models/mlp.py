@@ -10,34 +10,94 @@ from torch import nn
 
 from fedhet.core.messages import ModelSize
 from fedhet.core.registry import MODELS
-from fedhet.models._common import check_input_shape, positive_int, positive_ints, scale_width, take_options
+from fedhet.models._common import check_depth, check_exits, check_flag, check_input_shape, positive_int, positive_ints, scale_width, take_options
+from fedhet.models.layers import Scaler
+from fedhet.submodel.architecture import CLASSES, DepthBlock, WidthAxes
 
 
 class MLP(nn.Module):
     """``body.{i}`` are the hidden Linear layers (each followed by ReLU), ``head`` the classifier.
 
-    The classifier always produces ``num_classes`` outputs; only hidden widths are scaled.
+    The classifier always produces ``num_classes`` outputs; only hidden widths are scaled. Each
+    hidden layer is a depth block; the exit after block ``i`` is ``exits.{i}`` (``head`` after the
+    last block of the full-depth network). With ``exits="all"`` the model holds an exit after every
+    block and returns a list of logits, shallowest first.
     """
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...],
+        num_classes: int,
+        *,
+        total_blocks: int | None = None,
+        exits: str = "last",
+        scaler: float | None = None,
+    ) -> None:
         super().__init__()
         self.hidden = hidden
+        self.total_blocks = total_blocks or len(hidden)
+        self.exit_mode = exits
         widths = (in_features, *hidden)
         self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.head = nn.Linear(widths[-1], num_classes)
+        self.scaler = Scaler(scaler) if scaler is not None else nn.Identity()
+        self.exit_ids = list(range(len(hidden))) if exits == "all" else [len(hidden) - 1]
+        self.exits = nn.ModuleDict()
+        for i in self.exit_ids:
+            layer = nn.Linear(hidden[i], num_classes)
+            if self._exit_name(i) == "head":
+                self.head = layer
+            else:
+                self.exits[str(i)] = layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _exit_name(self, i: int) -> str:
+        return "head" if i == self.total_blocks - 1 else f"exits.{i}"
+
+    def _exit(self, i: int) -> nn.Module:
+        return self.head if self._exit_name(i) == "head" else self.exits[str(i)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = x.flatten(1)
-        for layer in self.body:
-            x = torch.relu(layer(x))
-        return self.head(x)
+        outs = []
+        for i, layer in enumerate(self.body):
+            x = torch.relu(self.scaler(layer(x)))
+            if i in self.exit_ids:
+                outs.append(self._exit(i)(x))
+        return outs if self.exit_mode == "all" else outs[-1]
+
+    def width_axes(self) -> WidthAxes:
+        axes: WidthAxes = {}
+        prev = None
+        for i in range(len(self.body)):
+            axes[f"body.{i}.weight"] = (f"h{i}", prev)
+            axes[f"body.{i}.bias"] = (f"h{i}",)
+            prev = f"h{i}"
+        for i in self.exit_ids:
+            name = self._exit_name(i)
+            axes[f"{name}.weight"] = (CLASSES, f"h{i}")
+            axes[f"{name}.bias"] = (CLASSES,)
+        return axes
+
+    def depth_blocks(self) -> list[DepthBlock]:
+        return [DepthBlock((f"body.{i}",), (self._exit_name(i),)) for i in range(len(self.body))]
 
 
 @MODELS.register("mlp")
 def mlp(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """Options: ``hidden=(200, 200)`` (hidden widths at full size; scaled by ``size.width``)."""
-    opts = take_options("mlp", options, {"hidden": (200, 200)})
+    """Options: ``hidden=(200, 200)`` (hidden widths at full size; scaled by ``size.width``),
+    ``scaler=False`` (divide hidden activations by ``size.width`` in training), ``exits="last"``.
+    ``size.depth`` keeps the first hidden layers."""
+    opts = take_options("mlp", options, {"hidden": (200, 200), "scaler": False, "exits": "last"})
     shape = check_input_shape("mlp", input_shape)
     num_classes = positive_int("mlp", "num_classes", num_classes)
-    hidden = tuple(scale_width(h, size.width) for h in positive_ints("mlp", "hidden", opts["hidden"]))
-    return MLP(math.prod(shape), hidden, num_classes)
+    full = positive_ints("mlp", "hidden", opts["hidden"])
+    depth = check_depth("mlp", size.depth, len(full))
+    hidden = tuple(scale_width(h, size.width) for h in full[:depth])
+    return MLP(
+        math.prod(shape),
+        hidden,
+        num_classes,
+        total_blocks=len(full),
+        exits=check_exits("mlp", opts["exits"]),
+        scaler=size.width if check_flag("mlp", "scaler", opts["scaler"]) else None,
+    )

@@ -91,6 +91,7 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
     for name, (params, config) in alg.eval_targets(state).items():
         model = run.world.build_model(config)
         load_params(model, params)
+        model = alg.eval_model(model, run.world.dataset.pooled_train())
         for k, v in evaluate(model, run.world.dataset.test, device=run.world.torch_device).items():
             if k != "examples":
                 row[f"eval/{name}/{k}"] = v
@@ -125,6 +126,7 @@ def init_state(run: Run) -> Any:
         global_size=run.fleet.global_size,
         generator=rng.generator(run.seed, "server_init"),
         build_model=run.world.build_model,
+        sizes=run.fleet.sizes,
     )
     return run.algorithm.init(setup)
 

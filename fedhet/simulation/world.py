@@ -17,10 +17,13 @@ from torch import nn
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, model_params
 from fedhet.core.context import ClientContext
-from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
 from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
+
+
+SIZE_KEYS = ("width", "depth", "density")
 
 
 def config_key(config: Config) -> tuple[tuple[str, Any], ...]:
@@ -47,16 +50,18 @@ class ClientWorld:
         return torch.device(self.device)
 
     def _new_model(self, config: Config) -> nn.Module:
-        from fedhet.core.messages import ModelSize
-
+        """A model of ``config``: its size (``width``, ``depth``, ``density``); any other key overrides
+        the run's model option of that name (e.g. ``exits="all"`` for a server-side multi-exit model)."""
         size = ModelSize(width=float(config.get("width", 1.0)), depth=config.get("depth"), density=float(config.get("density", 1.0)))  # type: ignore[arg-type]
+        options = dict(self.model_options)
+        options.update({k: v for k, v in config.items() if k not in SIZE_KEYS})
         with rng.seeded(self.seed, "model_init"):
             model = build_model(
                 self.model,
                 input_shape=self.dataset.input_shape,
                 num_classes=self.dataset.num_classes,
                 size=size,
-                **self.model_options,
+                **options,
             )
         return model.to(self.torch_device)
 

@@ -172,8 +172,10 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | None = None,
     loss_fn: LossFn = cross_entropy,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` on ``data`` (in eval mode)."""
+    """Mean loss and accuracy of ``model`` on ``data`` (in eval mode). ``mask`` (bool over classes):
+    logits of the other classes are set to 0 before the accuracy is taken (HeteroFL's masked test)."""
     device = device or torch.device("cpu")
     model.eval()
     total_loss = 0.0
@@ -185,6 +187,8 @@ def evaluate(
         output = model(x)
         n = int(y.shape[0])
         total_loss += float(loss_fn(output, y)) * n
+        if mask is not None:
+            output = output.masked_fill(~mask.to(output.device), 0.0)
         correct += _correct(output, y)
         n_total += n
     if n_total == 0:
