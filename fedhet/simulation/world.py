@@ -21,6 +21,7 @@ from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
 from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
+from fedhet.models.ensemble import Ensemble
 
 
 SIZE_KEYS = ("width", "depth", "density")
@@ -50,19 +51,30 @@ class ClientWorld:
         return torch.device(self.device)
 
     def _new_model(self, config: Config) -> nn.Module:
-        """A model of ``config``: its size (``width``, ``depth``, ``density``); any other key overrides
-        the run's model option of that name (e.g. ``exits="all"`` for a server-side multi-exit model)."""
+        """A model of ``config``: its size (``width``, ``depth``, ``density``); ``ensemble: n`` builds
+        ``n`` independent bases of that size (``fedhet.models.ensemble``); any other key overrides the
+        run's model option of that name (e.g. ``exits="all"`` for a server-side multi-exit model)."""
         size = ModelSize(width=float(config.get("width", 1.0)), depth=config.get("depth"), density=float(config.get("density", 1.0)))  # type: ignore[arg-type]
         options = dict(self.model_options)
-        options.update({k: v for k, v in config.items() if k not in SIZE_KEYS})
-        with rng.seeded(self.seed, "model_init"):
-            model = build_model(
+        options.update({k: v for k, v in config.items() if k not in SIZE_KEYS and k != "ensemble"})
+
+        def one() -> nn.Module:
+            return build_model(
                 self.model,
                 input_shape=self.dataset.input_shape,
                 num_classes=self.dataset.num_classes,
                 size=size,
                 **options,
             )
+
+        with rng.seeded(self.seed, "model_init"):
+            n = config.get("ensemble")
+            if n is None:
+                model = one()
+            else:
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise ValueError(f"model config ensemble: got {n!r}, allowed: an integer >= 1")
+                model = Ensemble([one() for _ in range(n)])
         return model.to(self.torch_device)
 
     def build_model(self, config: Config) -> nn.Module:
