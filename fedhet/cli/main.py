@@ -73,7 +73,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"runtime.device={args.device}")
-    cmp = load_comparison(args.config, overrides)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    cmp = load_comparison(args.config, overrides, only=only)
     out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
     print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
     rows = run_comparison(cmp, out, progress=args.progress)
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default: runs/NAME-TIME)")
     c.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     c.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default=None)
+    c.add_argument("--only", help="comma-separated variant names to run; results of other variants already in --out are kept in the report")
     c.set_defaults(func=cmd_compare)
     sub.add_parser("list", help="algorithms, models, datasets, partitioners, server optimizers").set_defaults(func=cmd_list)
     d = sub.add_parser("describe", help="fields, defaults and docs of a registered name")

@@ -116,6 +116,7 @@ def federate(
     seed: int = 0,
     client_test_fraction: float = 0.2,
     train_subset: int | None = None,
+    test_subset: int | None = None,
     **partitioner_options: Any,
 ) -> FederatedDataset:
     """Split ``bundle.train`` over ``num_clients`` clients.
@@ -126,6 +127,8 @@ def federate(
     3. Split each client's part into train and held out, stratified by label (key
        ``("client_split", cid)``): see :func:`stratified_split`. ``client_test_fraction=0`` gives
        empty held-out splits that keep the example shape.
+    4. ``test_subset``: evaluate global models on that many test examples, a split stratified by
+       label (key ``"test_subset"``), to make frequent evaluation affordable.
     """
     n_total = len(bundle.train)
     num_clients = integer("num_clients", num_clients, minimum=1)
@@ -152,11 +155,17 @@ def federate(
         kept, held_out = stratified_split(labels[members], client_test_fraction, numpy_rng(seed, "client_split", cid))
         clients_train.append(bundle.train.subset(_index(members[kept])))
         clients_test.append(bundle.train.subset(_index(members[held_out])))
+    test = bundle.test
+    if test_subset is not None:
+        test_subset = integer("test_subset", test_subset, minimum=1, maximum=len(test))
+        if test_subset < len(test):
+            keep, _ = stratified_split(test.y.numpy(), 1 - test_subset / len(test), numpy_rng(seed, "test_subset"))
+            test = test.subset(_index(np.sort(keep)))
     return FederatedDataset(
         name=bundle.name,
         clients_train=clients_train,
         clients_test=clients_test,
-        test=bundle.test,
+        test=test,
         num_classes=bundle.num_classes,
         input_shape=tuple(bundle.input_shape),
         train_transform=bundle.train_transform,

@@ -94,6 +94,7 @@ def load_federated(cfg: ExperimentConfig) -> Any:
             seed=cfg.seed,
             client_test_fraction=cfg.data.client_test_fraction,
             train_subset=cfg.data.train_subset,
+            test_subset=cfg.data.test_subset,
             **cfg.data.partitioner_options(),
         )
     except (ValueError, TypeError) as err:

@@ -31,7 +31,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Comparison:
+def load_comparison(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> Comparison:
+    """Read and validate a comparison; ``only``: the variants to keep (validated alone)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -43,7 +44,13 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key in a comparison; allowed: name, base, variants")
     base = apply_overrides(copy.deepcopy(data.get("base") or {}), overrides or [])
     variants = {}
-    for vname, over in (data["variants"] or {}).items():
+    declared = data["variants"] or {}
+    if only:
+        unknown = [n for n in only if n not in declared]
+        if unknown:
+            raise ConfigError(f"--only: unknown variant {unknown[0]!r}; allowed: {', '.join(map(str, declared))}")
+        declared = {n: declared[n] for n in only}
+    for vname, over in declared.items():
         try:
             variants[str(vname)] = validate(_merge(base, over or {}))
         except ConfigError as err:
@@ -104,8 +111,13 @@ def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = Non
         finally:
             run.executor.close()
         rows.append(summarize(vname, result.history, time.perf_counter() - t0))
-    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    # variants of earlier runs into the same folder stay in the summary and report (``--only``)
+    summary = out_dir / "summary.json"
+    ran = {r["variant"] for r in rows}
+    earlier = [r for r in json.loads(summary.read_text()) if r["variant"] not in ran] if summary.exists() else []
+    rows = earlier + rows
+    summary.write_text(json.dumps(rows, indent=2))
     from fedhet.experiment.report import write_report
 
-    write_report(out_dir, cmp.name, rows, {v: out_dir / v for v in cmp.variants})
+    write_report(out_dir, cmp.name, rows, {r["variant"]: out_dir / r["variant"] for r in rows})
     return rows

@@ -36,6 +36,7 @@ class DataConfig(_Section):
     classes_per_client: int | None = Field(None, ge=1)
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
     train_subset: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
 
     @field_validator("dataset")
     @classmethod
