@@ -90,6 +90,8 @@ class LocalConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    lr_milestones: list[int] = Field(default_factory=list)
+    lr_gamma: float = Field(0.1, gt=0, le=1)
 
 
 class ServerConfig(_Section):

@@ -39,6 +39,9 @@ class LocalTraining:
         weight_decay: L2 weight decay.
         max_steps: stop after this many steps in a round (``None``: no limit).
         grad_clip: clip the gradient's global L2 norm to this value before each step (``None``: off).
+        lr_milestones: rounds at which η_l is multiplied by ``lr_gamma`` (a multi-step schedule over
+            global rounds, as HeteroFL and Split-Mix use); combined with ``lr_decay``.
+        lr_gamma: the factor applied at each milestone.
     """
 
     epochs: int = 1
@@ -49,8 +52,11 @@ class LocalTraining:
     weight_decay: float = 0.0
     max_steps: int | None = None
     grad_clip: float | None = None
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
         checks = [
             ("epochs", self.epochs >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
@@ -60,13 +66,21 @@ class LocalTraining:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "an integer >= 1 or null"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or null"),
+            (
+                "lr_milestones",
+                all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.lr_milestones)
+                and list(self.lr_milestones) == sorted(set(self.lr_milestones)),
+                "increasing round numbers >= 1",
+            ),
+            ("lr_gamma", 0 < self.lr_gamma <= 1, "0 < lr_gamma <= 1"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"local.{name}: got {getattr(self, name)!r}, allowed: {allowed}")
 
     def lr_at(self, rnd: int) -> float:
-        return self.lr * self.lr_decay ** max(rnd - 1, 0)
+        passed = sum(1 for m in self.lr_milestones if rnd >= m)
+        return self.lr * self.lr_decay ** max(rnd - 1, 0) * self.lr_gamma**passed
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,13 @@ def test_local_training_validation(field, value, allowed):
     with pytest.raises(ValueError) as err:
         LocalTraining(**{field: value})
     assert str(err.value) == f"local.{field}: got {value!r}, allowed: {allowed}"
+
+
+def test_lr_milestones_multiply_the_rate_at_each_milestone():
+    spec = LocalTraining(lr=0.1, lr_milestones=[150, 250], lr_gamma=0.1)
+    assert spec.lr_at(1) == 0.1 and spec.lr_at(149) == 0.1
+    assert abs(spec.lr_at(150) - 0.01) < 1e-15 and abs(spec.lr_at(300) - 0.001) < 1e-15
+    with pytest.raises(ValueError, match="local.lr_milestones"):
+        LocalTraining(lr_milestones=[5, 3])
+    with pytest.raises(ValueError, match="local.lr_gamma"):
+        LocalTraining(lr_gamma=0.0)
