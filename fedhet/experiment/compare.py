@@ -85,7 +85,19 @@ def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[
         "failures": sum(r.get("failures") or 0 for r in history),
         "rounds": last["round"],
         "seconds": seconds,
+        "width_accuracy": width_accuracy(last),
     }
+
+
+def width_accuracy(row: dict[str, Any]) -> dict[str, float]:
+    """Accuracy of every evaluated width in a metrics row, keyed by the width (``"0.5"``)."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if k.startswith("eval/") and k.endswith("/width") and v is not None:
+            acc = row.get(k[: -len("width")] + "accuracy")
+            if acc is not None:
+                out[f"{v:g}"] = acc
+    return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
 
 
 def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None) -> list[dict[str, Any]]:

@@ -53,9 +53,40 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     for r in table_rows(rows):
         table.add_row(*r)
     console.print(table)
+    cols = width_columns(rows)
+    if cols:
+        wt = Table(title=f"{title}: global-test accuracy % per model width")
+        wt.add_column("variant")
+        for w in cols:
+            wt.add_column(f"width {w}", justify="right")
+        for r in width_table_rows(rows):
+            wt.add_row(*r)
+        console.print(wt)
     personalized = [r["variant"] for r in rows if r.get("metric") == "clients/accuracy_mean"]
     if personalized:
         console.print(f"accuracy % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
+
+
+def width_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Widths evaluated by any variant, largest first (empty when every variant has one width)."""
+    widths = {w for r in rows for w in (r.get("width_accuracy") or {})}
+    if not any(len(r.get("width_accuracy") or {}) > 1 for r in rows):
+        return []
+    return sorted(widths, key=lambda w: -float(w))
+
+
+def width_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cols = width_columns(rows)
+    return [[r["variant"]] + [_fmt((r.get("width_accuracy") or {}).get(w), "pct") for w in cols] for r in rows]
+
+
+def markdown_width_table(rows: list[dict[str, Any]]) -> str:
+    cols = width_columns(rows)
+    if not cols:
+        return ""
+    header = "| variant | " + " | ".join(f"width {w}" for w in cols) + " |"
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in width_table_rows(rows)])
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -99,6 +130,11 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
         "",
         markdown_table(rows),
         "",
+    ]
+    widths = markdown_width_table(rows)
+    if widths:
+        text += ["Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).", "", widths, ""]
+    text += [
         f"![accuracy against round]({plot.name})",
         "",
     ]

@@ -95,6 +95,8 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
         for k, v in evaluate(model, run.world.dataset.test, device=run.world.torch_device).items():
             if k != "examples":
                 row[f"eval/{name}/{k}"] = v
+        # the width each target runs at (an ensemble's is its number of bases times theirs)
+        row[f"eval/{name}/width"] = float(config.get("width", 1.0)) * int(config.get("ensemble", 1))
     if run.eval_clients:
         tasks = alg.configure_eval(state, rnd, infos)
         by_id = {c.id: c for c in infos}
