@@ -2,8 +2,9 @@
 
 A factory is ``factory(*, input_shape, num_classes, size: ModelSize, **options) -> nn.Module``.
 Hidden widths are ``max(1, ceil(c * size.width))``; the classifier always has every class.
-``size.depth`` and ``size.density`` are not applied at construction: sub-model specs cut blocks
-and mask weights of the built model.
+``size.density`` is not applied at construction: sub-model specs mask weights of the built model.
+``size.depth`` is the number of depth blocks built (the models' ``depth_blocks()``: conv stages,
+hidden layers, ResNet stages).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from fedhet.core.messages import ModelSize
 from fedhet.core.registry import MODELS
 from fedhet.models import cnn as _cnn  # noqa: F401  (registers "cnn")
 from fedhet.models import mlp as _mlp  # noqa: F401  (registers "mlp")
+from fedhet.models import resnet as _resnet  # noqa: F401  (registers "resnet18", "resnet_small")
 from fedhet.models.cnn import CNN
 from fedhet.models.cost import ModelCost, count_params, flops_per_sample, model_cost, state_nbytes
 from fedhet.models.mlp import MLP
+from fedhet.models.resnet import PreActResNet
 
 
 def build_model(
@@ -33,6 +36,7 @@ __all__ = [
     "CNN",
     "MLP",
     "ModelCost",
+    "PreActResNet",
     "build_model",
     "count_params",
     "flops_per_sample",

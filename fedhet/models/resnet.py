@@ -1,0 +1,267 @@
+"""Pre-activation ResNets for CIFAR-sized images, as HeteroFL builds them (Diao et al., ICLR 2021,
+``src/models/resnet.py``), with optional exits after every stage (DepthFL-style multi-exit models).
+
+Layout (state-dict names in brackets):
+
+- stem [``stem``]: 3x3 conv, stride 1, padding 1, no bias, ``in_channels -> hidden[0]``;
+- stage ``s`` [``stages.{s}``]: ``blocks[s]`` pre-activation blocks [``stages.{s}.{b}``] with
+  ``hidden[s]`` channels; the first block of a stage has stride 1 in stage 0 and 2 in every later
+  stage, the others stride 1. A block computes::
+
+      out = relu(norm1(scaler(x)))
+      shortcut = shortcut_conv(out) if stride != 1 or in != out channels else x   # 1x1, no bias
+      out = conv1(out)                                  # 3x3, stride, no bias
+      out = conv2(relu(norm2(scaler(out))))             # 3x3, no bias
+      return out + shortcut
+
+- exit after stage ``i`` [``exits.{i}``]: ``scaler -> norm -> relu -> global average pool ->
+  linear(hidden[i] -> num_classes)`` [``exits.{i}.norm``, ``exits.{i}.linear``].
+
+``size.width`` scales every hidden width (``ceil(c * width)``, at least 1); the classifier keeps every
+class. ``size.depth`` is the number of stages the model holds (``None``: all): the model built at depth
+``k`` has the stem and stages ``0..k-1``. With ``exits="last"`` it holds only the exit of its last stage
+and ``forward`` returns its logits; with ``exits="all"`` it holds an exit after every stage and
+``forward`` returns a list of logits, shallowest first. An exit has the same names in every model that
+holds it, so models of different depths share their state-dict names.
+
+``scaler=True`` puts a :class:`~fedhet.models.layers.Scaler` with ``rate=size.width`` before every norm
+layer (HeteroFL's scaler; identity in evaluation). ``norm`` is one of :data:`~fedhet.models.layers.NORMS`.
+
+Registered models:
+
+- ``resnet18``: ``hidden=(64, 128, 256, 512)``, ``blocks=(2, 2, 2, 2)``: the standard pre-activation
+  ResNet-18 (11,171,786 parameters with 10 classes). HeteroFL's code names ``resnet18`` a network
+  with ``blocks=[1, 1, 1, 2]`` (9,621,706 parameters, its reported "9622K"); pass
+  ``blocks=(1, 1, 1, 2)`` to build that one.
+- ``resnet_small``: ``hidden=(16, 32, 64, 128)``, ``blocks=(1, 1, 1, 1)``, for CPU-scale runs.
+
+The sub-model protocol (:mod:`fedhet.submodel.architecture`): the stem's output channels form the
+group ``stage0``, which stage 0's identity-shortcut blocks keep; a block with a projection shortcut
+starts the group ``stage{s}`` of its stage; the middle channels of block ``b`` of stage ``s``
+(``conv1`` outputs, ``norm2``) form ``stage{s}.block{b}.mid``. Input image channels (``None``) and
+class outputs (``CLASSES``) are never scaled. ``depth_blocks()`` has one block per stage, whose exit
+is that stage's exit; the stem is in no block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedhet.core.messages import ModelSize
+from fedhet.core.registry import MODELS
+from fedhet.models._common import (
+    check_depth,
+    check_exits,
+    check_flag,
+    check_input_shape,
+    positive_int,
+    positive_ints,
+    scale_width,
+    take_options,
+)
+from fedhet.models.layers import Scaler, check_norm, make_norm
+from fedhet.submodel.architecture import CLASSES, DepthBlock, WidthAxes
+
+EXIT_MODES = ("last", "all")
+
+
+def _scaler(rate: float | None) -> nn.Module:
+    return Scaler(rate) if rate is not None else nn.Identity()
+
+
+class PreActBlock(nn.Module):
+    """One pre-activation basic block; ``shortcut`` exists only when the block projects."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: str, rate: float | None) -> None:
+        super().__init__()
+        self.scaler1 = _scaler(rate)
+        self.norm1 = make_norm(norm, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.scaler2 = _scaler(rate)
+        self.norm2 = make_norm(norm, channels)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.projects = stride != 1 or in_channels != channels
+        if self.projects:
+            self.shortcut = nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.scaler1(x)))
+        shortcut = self.shortcut(out) if self.projects else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.norm2(self.scaler2(out))))
+        return out + shortcut
+
+
+class Exit(nn.Module):
+    """Classifier after a stage: scaler, norm, ReLU, global average pooling, linear."""
+
+    def __init__(self, channels: int, num_classes: int, norm: str, rate: float | None) -> None:
+        super().__init__()
+        self.scaler = _scaler(rate)
+        self.norm = make_norm(norm, channels)
+        self.linear = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm(self.scaler(x)))
+        return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _declare(axes: WidthAxes, prefix: str, module: nn.Module, out: str | None, inp: str | None = None) -> None:
+    """Axes of every state-dict entry of a conv, linear or norm layer ``module`` named ``prefix``:
+    weights of rank >= 2 are ``(out, inp, None...)``, vectors (biases, norm weights and statistics)
+    ``(out,)`` and scalars (``num_batches_tracked``) ``()``."""
+    for name, t in module.state_dict(prefix=prefix + ".", keep_vars=True).items():
+        if t.dim() == 0:
+            axes[name] = ()
+        elif t.dim() == 1:
+            axes[name] = (out,)
+        else:
+            axes[name] = (out, inp) + (None,) * (t.dim() - 2)
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation ResNet with the given (already scaled) stage widths; see the module docstring.
+
+    ``hidden`` and ``blocks`` describe the stages the model holds (build a shallower model by passing
+    fewer stages); ``exits`` is ``"last"`` or ``"all"``; ``scale_rate`` is the Scaler's rate, or
+    ``None`` for no scalers.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden: tuple[int, ...],
+        blocks: tuple[int, ...],
+        *,
+        norm: str = "bn",
+        scale_rate: float | None = None,
+        exits: str = "last",
+    ) -> None:
+        super().__init__()
+        if len(hidden) != len(blocks) or not hidden:
+            raise ValueError(f"PreActResNet: hidden {hidden!r} and blocks {blocks!r} must have the same length >= 1")
+        if exits not in EXIT_MODES:
+            raise ValueError(f"PreActResNet: exits must be one of {', '.join(EXIT_MODES)}, got {exits!r}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.hidden = tuple(hidden)
+        self.blocks = tuple(blocks)
+        self.depth = len(hidden)
+        self.norm_kind = norm
+        self.scale_rate = scale_rate
+        self.exit_mode = exits
+
+        self.stem = nn.Conv2d(in_channels, hidden[0], kernel_size=3, stride=1, padding=1, bias=False)
+        # Channel groups: (in, mid, out) per block, and the residual group each stage ends with.
+        self._block_groups: list[list[tuple[str, str, str]]] = []
+        self._stage_groups: list[str] = []
+        residual, channels = "stage0", hidden[0]
+        stages = []
+        for s, (width, count) in enumerate(zip(hidden, blocks)):
+            layers, groups = [], []
+            for b in range(count):
+                stride = (1 if s == 0 else 2) if b == 0 else 1
+                block = PreActBlock(channels, width, stride, norm, scale_rate)
+                out_group = f"stage{s}" if block.projects else residual
+                groups.append((residual, f"stage{s}.block{b}.mid", out_group))
+                layers.append(block)
+                residual, channels = out_group, width
+            stages.append(nn.Sequential(*layers))
+            self._block_groups.append(groups)
+            self._stage_groups.append(residual)
+        self.stages = nn.ModuleList(stages)
+        kept = range(self.depth) if exits == "all" else [self.depth - 1]
+        self.exits = nn.ModuleDict({str(i): Exit(hidden[i], num_classes, norm, scale_rate) for i in kept})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        out = self.stem(x)
+        logits = []
+        for s, stage in enumerate(self.stages):
+            out = stage(out)
+            if str(s) in self.exits:
+                logits.append(self.exits[str(s)](out))
+        return logits if self.exit_mode == "all" else logits[-1]
+
+    # ------------------------------------------------------------------ sub-model protocol
+
+    def width_axes(self) -> WidthAxes:
+        axes: WidthAxes = {}
+        _declare(axes, "stem", self.stem, "stage0", None)
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                inp, mid, out = self._block_groups[s][b]
+                prefix = f"stages.{s}.{b}"
+                _declare(axes, f"{prefix}.norm1", block.norm1, inp)
+                _declare(axes, f"{prefix}.conv1", block.conv1, mid, inp)
+                _declare(axes, f"{prefix}.norm2", block.norm2, mid)
+                _declare(axes, f"{prefix}.conv2", block.conv2, out, mid)
+                if block.projects:
+                    _declare(axes, f"{prefix}.shortcut", block.shortcut, out, inp)
+        for key, head in self.exits.items():
+            group = self._stage_groups[int(key)]
+            _declare(axes, f"exits.{key}.norm", head.norm, group)
+            _declare(axes, f"exits.{key}.linear", head.linear, CLASSES, group)
+        return axes
+
+    def depth_blocks(self) -> list[DepthBlock]:
+        return [DepthBlock(prefixes=(f"stages.{s}",), exit=(f"exits.{s}",)) for s in range(self.depth)]
+
+
+def _build(
+    name: str,
+    defaults: dict[str, Any],
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    size: ModelSize,
+    options: dict[str, Any],
+) -> PreActResNet:
+    opts = take_options(name, options, {**defaults, "norm": "bn", "scaler": False, "exits": "last"})
+    c, _, _ = check_input_shape(name, input_shape, ndim=3)
+    num_classes = positive_int(name, "num_classes", num_classes)
+    hidden = positive_ints(name, "hidden", opts["hidden"])
+    blocks = positive_ints(name, "blocks", opts["blocks"])
+    if not hidden:
+        raise ValueError(f"model {name!r}: hidden must hold at least one stage, got {opts['hidden']!r}")
+    if len(blocks) != len(hidden):
+        raise ValueError(
+            f"model {name!r}: blocks must have one entry per stage ({len(hidden)}, as hidden), got {opts['blocks']!r}"
+        )
+    norm = check_norm(name, opts["norm"])
+    scaler = check_flag(name, "scaler", opts["scaler"])
+    exits = check_exits(name, opts["exits"])
+    depth = check_depth(name, size.depth, len(hidden))
+    widths = tuple(scale_width(h, size.width) for h in hidden[:depth])
+    return PreActResNet(
+        c,
+        num_classes,
+        widths,
+        blocks[:depth],
+        norm=norm,
+        scale_rate=size.width if scaler else None,
+        exits=exits,
+    )
+
+
+@MODELS.register("resnet18")
+def resnet18(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
+    """Pre-activation ResNet-18 (HeteroFL's CIFAR model). Options: ``hidden=(64, 128, 256, 512)``,
+    ``blocks=(2, 2, 2, 2)``, ``norm="bn"`` (bn, batch, gn, none), ``scaler=False``, ``exits="last"``
+    (or ``"all"``). ``input_shape`` is ``(channels, height, width)``."""
+    defaults = {"hidden": (64, 128, 256, 512), "blocks": (2, 2, 2, 2)}
+    return _build("resnet18", defaults, input_shape=input_shape, num_classes=num_classes, size=size, options=options)
+
+
+@MODELS.register("resnet_small")
+def resnet_small(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
+    """A narrow pre-activation ResNet for CPU runs: ``hidden=(16, 32, 64, 128)``, ``blocks=(1, 1, 1, 1)``;
+    other options as ``resnet18``."""
+    defaults = {"hidden": (16, 32, 64, 128), "blocks": (1, 1, 1, 1)}
+    return _build(
+        "resnet_small", defaults, input_shape=input_shape, num_classes=num_classes, size=size, options=options
+    )
