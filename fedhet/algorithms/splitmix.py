@@ -44,6 +44,7 @@ from fedhet.core.algorithm import ServerSetup, check_result, load_params, model_
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
+from fedhet.models.ensemble import base_id, first_bases, rename
 from fedhet.submodel.spec import CoverageSum, Shape, SubmodelSpec, select
 from fedhet.training.local import evaluate, train
 
@@ -52,7 +53,6 @@ BASES = "bases"
 #: task extras: the shuffle sampler's position after this round's first picks (read back by the accumulator)
 SAMPLER_END = "sampler_end"
 MASKED_CE = ("none", "batch")
-PREFIX = "bases"
 
 
 # -- bases and names ----------------------------------------------------------------------------------
@@ -74,30 +74,6 @@ def num_bases(atom: float) -> int:
 def bases_for_width(width: float, atom: float, k: int) -> int:
     """Bases a width-``width`` model holds: floor(width/atom + 1/2), at least 1 and at most K."""
     return min(k, max(1, math.floor(width / atom + 0.5 + 1e-9)))
-
-
-def base_id(name: str) -> int:
-    """The base index of an ensemble state-dict name ``bases.{i}.*``."""
-    head, idx, _ = name.split(".", 2)
-    if head != PREFIX:
-        raise KeyError(f"{name!r} is not an entry of an ensemble (expected bases.<i>.<name>)")
-    return int(idx)
-
-
-def rename(params: Mapping[str, torch.Tensor], ids: Sequence[int], *, to_global: bool) -> Params:
-    """Map slot j <-> base ``ids[j]``: local names ``bases.{j}.*`` to global ``bases.{ids[j]}.*``
-    (``to_global``) or back."""
-    mapping = {j: int(i) for j, i in enumerate(ids)} if to_global else {int(i): j for j, i in enumerate(ids)}
-    out: Params = {}
-    for name, value in params.items():
-        _, idx, rest = name.split(".", 2)
-        out[f"{PREFIX}.{mapping[int(idx)]}.{rest}"] = value
-    return out
-
-
-def first_bases(params: Mapping[str, torch.Tensor], n: int) -> Params:
-    """The entries of bases ``0..n-1`` (under the same names)."""
-    return {k: v for k, v in params.items() if base_id(k) < n}
 
 
 def ensemble_config(atom: float, n: int) -> Config:

@@ -8,12 +8,17 @@ mean of the bases' logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from fedhet.core.types import Params
 from fedhet.submodel.architecture import CLASSES, WidthAxes, split_axis, width_axes
+
+
+#: state-dict prefix of the bases: ``bases.{i}.<name in the base model>``
+PREFIX = "bases"
 
 
 class Ensemble(nn.Module):
@@ -33,7 +38,7 @@ class Ensemble(nn.Module):
         axes: WidthAxes = {}
         for i, base in enumerate(self.bases):
             for name, groups in width_axes(base).items():
-                axes[f"bases.{i}.{name}"] = tuple(_prefixed(a, i) for a in groups)
+                axes[f"{PREFIX}.{i}.{name}"] = tuple(_prefixed(a, i) for a in groups)
         return axes
 
 
@@ -41,4 +46,28 @@ def _prefixed(axis: object, i: int) -> object:
     if axis is None or axis == CLASSES:
         return axis
     group, repeat = split_axis(axis)  # type: ignore[arg-type]
-    return (f"bases.{i}.{group}", repeat) if repeat != 1 else f"bases.{i}.{group}"
+    return (f"{PREFIX}.{i}.{group}", repeat) if repeat != 1 else f"{PREFIX}.{i}.{group}"
+
+
+def base_id(name: str) -> int:
+    """The base index of an ensemble state-dict name ``bases.{i}.*``."""
+    head, idx, _ = name.split(".", 2)
+    if head != PREFIX:
+        raise KeyError(f"{name!r} is not an entry of an ensemble (expected bases.<i>.<name>)")
+    return int(idx)
+
+
+def rename(params: Mapping[str, torch.Tensor], ids: Sequence[int], *, to_global: bool) -> Params:
+    """Map slot j <-> base ``ids[j]``: local names ``bases.{j}.*`` to global ``bases.{ids[j]}.*``
+    (``to_global``) or back."""
+    mapping = {j: int(i) for j, i in enumerate(ids)} if to_global else {int(i): j for j, i in enumerate(ids)}
+    out: Params = {}
+    for name, value in params.items():
+        _, idx, rest = name.split(".", 2)
+        out[f"{PREFIX}.{mapping[int(idx)]}.{rest}"] = value
+    return out
+
+
+def first_bases(params: Mapping[str, torch.Tensor], n: int) -> Params:
+    """The entries of bases ``0..n-1`` (under the same names)."""
+    return {k: v for k, v in params.items() if base_id(k) < n}
