@@ -19,6 +19,7 @@ import torch
 from fedhet.algorithms.fedavg import FedAvg
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientResult, ClientTask
+from fedhet.core.registry import ALGORITHMS as ALGORITHM_REGISTRY
 from fedhet.experiment.build import build_run
 from fedhet.experiment.config import load_config
 from fedhet.simulation import parallel
@@ -29,7 +30,8 @@ from fedhet.simulation.world import ClientWorld
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the tests use fork-started workers and SIGALRM")
 
-ALGORITHMS = ["fedavg", "fedprox", "feddyn", "local"]
+#: every registered algorithm; sub-model ones train three widths (tiers a-c)
+ALGORITHMS = ALGORITHM_REGISTRY.names()
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +71,7 @@ def make_run(tmp_path: Path, executor: str, algorithm: str = "fedavg", *extra: s
         "runtime.device=cpu",
         "logging.progress=off",
         f"algorithm.name={algorithm}",
+        "devices.tiers=a1-b1-c1",
         *extra,
     ]
     return build_run(load_config(None, overrides), tmp_path / executor)
