@@ -45,15 +45,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         for section in ("runtime", "logging"):
             old.pop(section, None)
             new.pop(section, None)
+        # a resumed run may be extended: nothing in a round depends on the total number of rounds
+        if new.get("rounds", 0) < old.get("rounds", 0):
+            raise ConfigError(f"--resume: rounds={new.get('rounds')} is fewer than the run's {old.get('rounds')}; allowed: >= {old.get('rounds')} (to extend it)")
+        old.pop("rounds", None)
+        new.pop("rounds", None)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(f"--resume: the config differs from the run's saved config in: {', '.join(diff)}")
     else:
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
     run = build_run(cfg, run_dir)  # loads the data: errors surface before anything is written
-    if not args.resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     print(f"run directory: {run_dir}", file=sys.stderr)
     print(run.world.dataset.summary(), file=sys.stderr)
     try:

@@ -135,3 +135,16 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_may_extend_a_run_to_more_rounds_with_the_same_bits(tmp_path, capsys):
+    TINY_ROUNDS = [a for a in TINY if not a.startswith("rounds=")]
+    assert main(["run", *TINY_ROUNDS, "rounds=2", "--run-dir", str(tmp_path / "a")]) == 0
+    assert main(["run", *TINY_ROUNDS, "rounds=3", "--resume", str(tmp_path / "a")]) == 0
+    assert main(["run", *TINY_ROUNDS, "rounds=3", "--run-dir", str(tmp_path / "b")]) == 0
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a["round"] == b["round"] == 3
+    for k, v in b["algorithm_state"].params.items():
+        assert torch.equal(v, a["algorithm_state"].params[k]), k
+    assert main(["run", *TINY_ROUNDS, "rounds=1", "--resume", str(tmp_path / "a")]) == 2
+    assert "fewer than the run's 3" in capsys.readouterr().err
