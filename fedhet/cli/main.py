@@ -25,8 +25,6 @@ def _run_dir(base: str, name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
     from fedhet.experiment.build import build_run
     from fedhet.experiment.config import dump_config, load_config
     from fedhet.simulation.loop import run_rounds
@@ -40,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         saved = run_dir / "config.yaml"
         if not saved.exists():
             raise ConfigError(f"--resume: {str(run_dir)!r} has no config.yaml; allowed: a run directory fedhet wrote")
-        old = yaml.safe_load(saved.read_text())
+        # both through validation, so fields added since the run was saved compare at their defaults
+        old = load_config(saved).model_dump(mode="json")
         new = cfg.model_dump(mode="json")
         for section in ("runtime", "logging"):
             old.pop(section, None)
