@@ -120,8 +120,36 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
     return path
 
 
+def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Final global-test accuracy against model width, one line per variant (None when no variant
+    was evaluated at more than one width)."""
+    if not width_columns(rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in rows:
+        pts = sorted((float(w), a) for w, a in (r.get("width_accuracy") or {}).items())
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=r["variant"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model width (fraction of the full model)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy per width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
     plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
+    wplot = plot_widths(rows, out_dir / "accuracy_per_width.png", title)
     text = [
         f"# {title}",
         "",
@@ -134,6 +162,8 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     widths = markdown_width_table(rows)
     if widths:
         text += ["Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).", "", widths, ""]
+        if wplot is not None:
+            text += [f"![accuracy per width]({wplot.name})", ""]
     text += [
         f"![accuracy against round]({plot.name})",
         "",

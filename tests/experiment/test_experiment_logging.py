@@ -90,3 +90,30 @@ def test_summarize_and_headline_metric():
     assert (s["final_accuracy"], s["best_accuracy"]) == (0.4, 0.5)
     assert (s["bytes_total"], s["train_flops"], s["failures"], s["rounds"]) == (60, 10.0, 1, 2)
     assert headline_metric({"clients/accuracy_mean": 0.7}) == ("clients/accuracy_mean", 0.7)
+
+
+def test_width_accuracy_table_and_plot(tmp_path):
+    from fedhet.experiment.compare import width_accuracy
+    from fedhet.experiment.report import markdown_width_table, width_columns, write_report
+
+    row = {
+        "eval/global/accuracy": 0.9,
+        "eval/global/width": 1.0,
+        "eval/width_0.25/accuracy": 0.5,
+        "eval/width_0.25/width": 0.25,
+        "eval/width_0.5/accuracy": 0.7,
+        "eval/width_0.5/width": 0.5,
+    }
+    assert width_accuracy(row) == {"1": 0.9, "0.5": 0.7, "0.25": 0.5}
+    rows = [
+        {"variant": "HeteroFL", "width_accuracy": width_accuracy(row)},
+        {"variant": "AllSmall", "width_accuracy": {"0.25": 0.4}},
+    ]
+    assert width_columns(rows) == ["1", "0.5", "0.25"]
+    table = markdown_width_table(rows)
+    assert "| HeteroFL | 90.00 | 70.00 | 50.00 |" in table and "| AllSmall | - | - | 40.00 |" in table
+    # one width per variant: no width table
+    assert width_columns([{"variant": "x", "width_accuracy": {"1": 0.5}}]) == []
+    write_report(tmp_path, "t", rows, {})
+    assert (tmp_path / "accuracy_per_width.png").exists()
+    assert "width 0.25" in (tmp_path / "report.md").read_text()
