@@ -27,7 +27,8 @@ from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, model_par
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
-from fedhet.server_opt import GradientTransformation, fedavg as sgd_preset
+from fedhet.server_opt import GradientTransformation
+from fedhet.server_opt import fedavg as sgd_preset
 from fedhet.training.local import LossTerm, train
 
 

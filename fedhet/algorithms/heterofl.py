@@ -27,7 +27,7 @@ from torch import nn
 from fedhet.aggregation.base import Accumulator
 from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import FedAvg, ServerState, server_step
-from fedhet.core.algorithm import ServerSetup, check_result, load_params, model_params
+from fedhet.core.algorithm import ServerSetup, load_params, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
@@ -55,11 +55,13 @@ class FamilySpecs:
     mode: str = "prefix"
     restrict_labels: bool = False
 
-    def offset(self, rnd: int) -> int:
-        return rnd - 1
+    def spec(self, config: Config, rnd: int) -> SubmodelSpec:
+        """The spec of a client training ``config`` in round ``rnd`` (a rolling window starts at
+        channel ``rnd - 1``)."""
+        return self.family.spec(config, mode=self.mode, offset=rnd - 1)
 
     def __call__(self, task: ClientTask) -> SubmodelSpec:
-        return self.family.spec(task.config, mode=self.mode, offset=self.offset(task.round))
+        return self.spec(task.config, task.round)
 
     def contribute(self, task: ClientTask) -> dict[str, torch.Tensor] | None:
         if not self.restrict_labels or LABELS not in task.extras:
@@ -130,10 +132,9 @@ class HeteroFL(FedAvg):
         tasks = {}
         for c in clients:
             config = size_config(c.size)
-            probe = ClientTask(round=rnd, params={}, config=config)
             key = tuple(sorted(config.items()))
             if key not in cut:
-                cut[key] = specs(probe).extract(state.params)
+                cut[key] = specs.spec(config, rnd).extract(state.params)
             tasks[c.id] = ClientTask(round=rnd, params=cut[key], config=config, extras={LABELS: label_mask(c, num_classes)})
         return tasks
 
@@ -184,9 +185,6 @@ class HeteroFL(FedAvg):
         if self.masked_ce:
             return evaluate(model, ctx.test, device=ctx.device, loss_fn=masked_cross_entropy(task.extras[LABELS]), mask=task.extras[LABELS])
         return evaluate(model, ctx.test, device=ctx.device)
-
-    def validate_result(self, task: ClientTask, result: ClientResult) -> None:
-        check_result(task.params, result)
 
 
 def _num_classes(family: ModelFamily) -> int:

@@ -16,7 +16,6 @@ from torch import nn
 from fedhet.core.types import Params
 from fedhet.submodel.architecture import CLASSES, WidthAxes, split_axis, width_axes
 
-
 #: state-dict prefix of the bases: ``bases.{i}.<name in the base model>``
 PREFIX = "bases"
 

@@ -10,7 +10,16 @@ from torch import nn
 
 from fedhet.core.messages import ModelSize
 from fedhet.core.registry import MODELS
-from fedhet.models._common import check_depth, check_exits, check_flag, check_input_shape, positive_int, positive_ints, scale_width, take_options
+from fedhet.models._common import (
+    check_depth,
+    check_exits,
+    check_flag,
+    check_input_shape,
+    positive_int,
+    positive_ints,
+    scale_width,
+    take_options,
+)
 from fedhet.models.layers import Scaler
 from fedhet.submodel.architecture import CLASSES, DepthBlock, WidthAxes
 

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from fedhet import __version__
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, trainable_names
 from fedhet.core.messages import ClientInfo
-from fedhet.core.types import Config, Metrics, Params, params_nbytes
+from fedhet.core.types import Config, Params, params_nbytes
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
 from fedhet.experiment.logging import Progress, RunLog

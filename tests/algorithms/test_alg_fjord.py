@@ -18,9 +18,9 @@ from fedhet.algorithms.fjord import (
     stats_key,
     width_config,
 )
-from fedhet.core.algorithm import ClientError, ServerSetup, load_params, model_params, trainable_names
+from fedhet.core.algorithm import ClientError, ServerSetup, load_params, trainable_names
 from fedhet.core.context import ClientContext
-from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
+from fedhet.core.messages import ClientInfo, ClientResult, ModelSize
 from fedhet.data.base import ArrayDataset
 from fedhet.experiment.build import build_run
 from fedhet.experiment.config import load_config

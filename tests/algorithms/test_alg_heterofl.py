@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedhet.algorithms.heterofl import LABELS, HeteroFL, masked_cross_entropy
-from fedhet.core.algorithm import ServerSetup, model_params, trainable_names
+from fedhet.core.algorithm import ServerSetup, trainable_names
 from fedhet.core.messages import ClientInfo, ClientResult, ModelSize
 from fedhet.data.base import ArrayDataset
 from fedhet.experiment.build import build_run
