@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from fedhet import __version__
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, trainable_names

@@ -23,7 +23,6 @@ from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
 from fedhet.models.ensemble import Ensemble
 
-
 SIZE_KEYS = ("width", "depth", "density")
 
 

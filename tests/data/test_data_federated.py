@@ -136,3 +136,19 @@ def test_summary_shows_at_most_ten_clients():
 def test_bad_arguments_name_the_field(options, error, match):
     with pytest.raises(error, match=match):
         federate(_bundle(), **options)
+
+
+def test_test_subset_is_a_stratified_seeded_subset_of_the_test_set():
+    bundle = _bundle(counts=(8, 4, 12, 10))
+    full = federate(bundle, num_clients=2, seed=0)
+    half = federate(bundle, num_clients=2, seed=0, test_subset=len(bundle.test) // 2)
+    again = federate(bundle, num_clients=2, seed=0, test_subset=len(bundle.test) // 2)
+    assert len(half.test) == len(bundle.test) // 2
+    assert torch.equal(half.test.x, again.test.x)
+    # each class keeps its share of the test set
+    full_counts = np.bincount(full.test.y.numpy(), minlength=4)
+    half_counts = np.bincount(half.test.y.numpy(), minlength=4)
+    assert np.all(np.abs(half_counts - full_counts / 2) <= 1)
+    assert len(federate(bundle, num_clients=2, test_subset=len(bundle.test)).test) == len(bundle.test)
+    with pytest.raises(ValueError, match="test_subset"):
+        federate(bundle, num_clients=2, test_subset=len(bundle.test) + 1)
