@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedhet.data.base import ArrayDataset
+from fedhet.training.local import eval_order
 
 NORMS = ("bn", "batch", "gn", "none")
 
@@ -75,8 +76,8 @@ def with_static_bn(
     """A copy of ``model`` in evaluation mode whose BatchNorm layers without running statistics
     (``norm="batch"``) use statistics accumulated over ``data`` instead of batch statistics.
 
-    The statistics are the cumulative average over every batch of one pass (BatchNorm with
-    ``momentum=None``), as HeteroFL's static BN computes them on the server before evaluation.
+    The statistics are the cumulative average over every batch of one pass in a fixed shuffled order
+    (BatchNorm with ``momentum=None``), as HeteroFL's static BN computes them on the server before evaluation.
     ``model`` itself is not changed. Scalers stay in evaluation mode (identity), as they are at test
     time.
     """
@@ -94,6 +95,7 @@ def with_static_bn(
     out.eval()
     for m in norms:
         m.train()
-    for x, _ in data.batches(batch_size):
+    # a fixed shuffled order: class-sorted storage must not bias the within-batch variances
+    for x, _ in data.batches(batch_size, generator=eval_order()):
         out(x.to(dev))
     return out.eval()

@@ -16,6 +16,7 @@ from fedhet.experiment.config import load_config
 from fedhet.models import build_model
 from fedhet.models.layers import with_static_bn
 from fedhet.simulation.loop import run_rounds
+from fedhet.training.local import eval_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +132,8 @@ def test_static_bn_statistics_are_the_cumulative_average_over_the_data():
     x = torch.randn(12, 1, 4, 4)
     data = ArrayDataset(x, torch.zeros(12, dtype=torch.long))
     stat = with_static_bn(model, data, batch_size=4)
-    conv_out = [model.convs[0](x[i : i + 4]) for i in (0, 4, 8)]
+    order = torch.randperm(12, generator=eval_order())  # statistics visit the data in the fixed evaluation order
+    conv_out = [model.convs[0](x[order[i : i + 4]]) for i in (0, 4, 8)]
     mean = torch.stack([c.mean(dim=(0, 2, 3)) for c in conv_out]).mean(0)
     var = torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in conv_out]).mean(0)
     assert torch.allclose(stat.norms[0].running_mean, mean, atol=1e-6)

@@ -230,3 +230,25 @@ def test_lr_milestones_multiply_the_rate_at_each_milestone():
         LocalTraining(lr_milestones=[5, 3])
     with pytest.raises(ValueError, match="local.lr_gamma"):
         LocalTraining(lr_gamma=0.0)
+
+
+def test_evaluation_visits_class_sorted_data_in_a_fixed_mixed_order():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x[:, 0].clone())
+            return torch.zeros(len(x), 2)
+
+    x = torch.arange(40, dtype=torch.float32).view(40, 1)
+    y = (torch.arange(40) >= 20).long()  # sorted by class
+    data = ArrayDataset(x, y)
+    first, second = Recorder(), Recorder()
+    evaluate(first, data, batch_size=10)
+    evaluate(second, data, batch_size=10)
+    assert [t.tolist() for t in first.seen] == [t.tolist() for t in second.seen]  # deterministic
+    assert sorted(torch.cat(first.seen).tolist()) == list(range(40))  # every example once
+    # every batch mixes both classes (a sequential order would give single-class batches)
+    assert all(0 < int((b >= 20).sum()) < len(b) for b in first.seen)
