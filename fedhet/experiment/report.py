@@ -95,29 +95,41 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in table_rows(rows)])
 
 
-def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
+def _axes():  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def _save(fig, ax, path: Path, title: str, xlabel: str) -> Path:  # noqa: ANN001
+    """Label, legend (when something was drawn), save and close a figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
     from fedhet.experiment.compare import headline_metric
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes()
     for name, d in run_dirs.items():
         rows = read_jsonl(Path(d) / METRICS)
         pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title, "round")
 
 
 def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -125,26 +137,13 @@ def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     was evaluated at more than one width)."""
     if not width_columns(rows):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes()
     for r in rows:
         pts = sorted((float(w), a) for w, a in (r.get("width_accuracy") or {}).items())
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=r["variant"])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("model width (fraction of the full model)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: accuracy per width")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, f"{title}: accuracy per width", "model width (fraction of the full model)")
 
 
 def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
