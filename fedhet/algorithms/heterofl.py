@@ -127,7 +127,7 @@ class HeteroFL(FedAvg):
 
     def configure(self, state: SubmodelState, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
         specs = self.specs(state)
-        num_classes = _num_classes(state.family)
+        num_classes = state.family.num_classes()
         cut: dict[Any, Params] = {}
         tasks = {}
         for c in clients:
@@ -185,11 +185,3 @@ class HeteroFL(FedAvg):
         if self.masked_ce:
             return evaluate(model, ctx.test, device=ctx.device, loss_fn=masked_cross_entropy(task.extras[LABELS]), mask=task.extras[LABELS])
         return evaluate(model, ctx.test, device=ctx.device)
-
-
-def _num_classes(family: ModelFamily) -> int:
-    dims = family.class_dims()
-    if not dims:
-        raise ValueError("the model declares no class-output dimension (CLASSES in width_axes)")
-    name, dim = next(iter(dims.items()))
-    return family.global_shapes[name][dim]

@@ -111,6 +111,14 @@ class ModelFamily:
         """Entries with a class-output dimension, and which dimension it is."""
         return {n: g.index(CLASSES) for n, g in self.axes.items() if CLASSES in g}
 
+    def num_classes(self) -> int:
+        """The size of the class-output dimension (ValueError when the model declares none)."""
+        dims = self.class_dims()
+        if not dims:
+            raise ValueError("the model declares no class-output dimension (CLASSES in width_axes)")
+        name, dim = next(iter(dims.items()))
+        return self.global_shapes[name][dim]
+
     def label_masks(self, spec: SubmodelSpec, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Boolean client-shaped masks selecting, in every class-output entry the spec holds, only the
         positions of ``labels`` (a bool vector over classes)."""
