@@ -64,7 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         run.executor.close()
     last = result.history[-1] if result.history else {}
-    shown = {k: v for k, v in last.items() if k.startswith(("eval/", "clients/accuracy")) and v is not None}
+    metric = last.get("metric") or "accuracy"
+    shown = {
+        k: v
+        for k, v in last.items()
+        if (k.startswith("eval/") or k.startswith(f"clients/{metric}")) and isinstance(v, float)
+    }
     print("final: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     return 0
 

@@ -7,16 +7,20 @@ from dataclasses import dataclass
 
 import torch
 
+from fedhet.data.tasks import CLASSIFICATION, Task
+
 #: A batch transform applied during training only, e.g. random crop + flip: (x, generator) -> x.
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Features and targets as tensors with the same first dimension."""
+    """Features and targets as tensors with the same first dimension, and the task they pose (which
+    loss trains on them and which metrics score them; image and tabular data are classification)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    task: Task = CLASSIFICATION
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
@@ -26,7 +30,7 @@ class ArrayDataset:
         return int(self.y.shape[0])
 
     def subset(self, index: torch.Tensor) -> ArrayDataset:
-        return ArrayDataset(self.x[index], self.y[index])
+        return ArrayDataset(self.x[index], self.y[index], self.task)
 
     def batches(
         self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False

@@ -9,7 +9,8 @@ the field (``data.<option>``), the value and what is allowed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,12 @@ class DatasetBundle:
     input_shape: tuple[int, ...]  # shape of one example, e.g. (1, 8, 8) or (3, 32, 32)
     class_names: tuple[str, ...]
     train_transform: Transform | None = None  # training-time augmentation, (x, generator) -> x
+    #: options any model needs for this data (e.g. a text vocabulary's ``vocab_size`` and whether
+    #: outputs are per ``sequence`` or per ``token``); a run's model options override them
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+    #: natural grouping of the training examples (e.g. the source document), one int per example:
+    #: what the ``natural`` partitioner splits by; ``None`` when the data has none
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -48,6 +55,10 @@ class DatasetBundle:
                     f"DatasetBundle {self.name!r}: {split} examples have shape {tuple(data.x.shape[1:])}, "
                     f"input_shape says {tuple(self.input_shape)}"
                 )
+        if self.train.task != self.test.task:
+            raise ValueError(f"DatasetBundle {self.name!r}: train and test splits pose different tasks")
+        if self.groups is not None and len(self.groups) != len(self.train):
+            raise ValueError(f"DatasetBundle {self.name!r}: {len(self.groups)} groups for {len(self.train)} training examples")
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"DatasetBundle {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"

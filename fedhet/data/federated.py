@@ -10,7 +10,8 @@ same arguments give the same clients.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ class FederatedDataset:
     num_classes: int
     input_shape: tuple[int, ...]
     train_transform: Transform | None
+    model_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.clients_train) != len(self.clients_test):
@@ -51,14 +53,23 @@ class FederatedDataset:
         pooled = self.__dict__.get("_pooled")
         if pooled is None:
             parts = [d for d in self.clients_train if len(d)]
-            pooled = ArrayDataset(torch.cat([d.x for d in parts]), torch.cat([d.y for d in parts]))
+            pooled = ArrayDataset(torch.cat([d.x for d in parts]), torch.cat([d.y for d in parts]), self.task)
             self.__dict__["_pooled"] = pooled
         return pooled
 
+    @property
+    def task(self):  # noqa: ANN201
+        return self.test.task
+
     def label_counts(self, cid: int) -> tuple[int, ...]:
-        """How many training examples of each class client ``cid`` holds (length ``num_classes``)."""
-        y = self.clients_train[cid].y.numpy()
-        return tuple(int(v) for v in np.bincount(y, minlength=self.num_classes)[: self.num_classes])
+        """How many training examples of each class client ``cid`` holds (length ``num_classes``);
+        for regression and tagging, of each stratum (score bin, entity-type set)."""
+        data = self.clients_train[cid]
+        strata = data.task.strata(data.y)
+        if data.task.kind == "classification":
+            return tuple(int(v) for v in np.bincount(strata, minlength=self.num_classes)[: self.num_classes])
+        n = max(int(self.task.strata(self.test.y).max(initial=0)), int(strata.max(initial=0))) + 1
+        return tuple(int(v) for v in np.bincount(strata, minlength=n))
 
     def summary(self, max_clients: int = 10) -> str:
         """A few lines: sizes and classes per client (min / median / max) and, for the first
@@ -129,6 +140,10 @@ def federate(
        empty held-out splits that keep the example shape.
     4. ``test_subset``: evaluate global models on that many test examples, a split stratified by
        label (key ``"test_subset"``), to make frequent evaluation affordable.
+
+    "Label" means the task's strata (:meth:`fedhet.data.tasks.Task.strata`): the class for
+    classification, a score bin for regression, the entity-type set of a sentence for tagging. The
+    ``natural`` partitioner splits by the dataset's ``groups`` instead (ValueError if it has none).
     """
     n_total = len(bundle.train)
     num_clients = integer("num_clients", num_clients, minimum=1)
@@ -136,7 +151,7 @@ def federate(
     if partitioner not in PARTITIONERS:
         raise fail("partitioner", partitioner, ", ".join(PARTITIONERS.names()))
 
-    labels = bundle.train.y.numpy()
+    labels = bundle.train.task.strata(bundle.train.y)
     if train_subset is None:
         pool = np.arange(n_total, dtype=np.int64)
     else:
@@ -146,7 +161,13 @@ def federate(
         raise fail("num_clients", num_clients, f"<= the number of training examples ({len(pool)})")
 
     partition = PARTITIONERS.get(partitioner)
-    parts = partition(labels[pool], num_clients, numpy_rng(seed, "partition"), **partitioner_options)
+    if partitioner == "natural":
+        if bundle.groups is None:
+            raise fail("partitioner", partitioner, f"a partitioner other than 'natural': dataset {bundle.name!r} has no natural groups")
+        keys = np.asarray(bundle.groups)[pool]
+    else:
+        keys = labels[pool]
+    parts = partition(keys, num_clients, numpy_rng(seed, "partition"), **partitioner_options)
     _check_parts(parts, num_clients, len(pool), partitioner)
 
     clients_train, clients_test = [], []
@@ -159,7 +180,7 @@ def federate(
     if test_subset is not None:
         test_subset = integer("test_subset", test_subset, minimum=1, maximum=len(test))
         if test_subset < len(test):
-            keep, _ = stratified_split(test.y.numpy(), 1 - test_subset / len(test), numpy_rng(seed, "test_subset"))
+            keep, _ = stratified_split(test.task.strata(test.y), 1 - test_subset / len(test), numpy_rng(seed, "test_subset"))
             test = test.subset(_index(np.sort(keep)))
     return FederatedDataset(
         name=bundle.name,
@@ -169,6 +190,7 @@ def federate(
         num_classes=bundle.num_classes,
         input_shape=tuple(bundle.input_shape),
         train_transform=bundle.train_transform,
+        model_options=dict(bundle.model_options),
     )
 
 

@@ -164,3 +164,27 @@ def _remove_repeated_labels(owner: np.ndarray, majority: np.ndarray, rng: np.ran
                 break
         if not swapped:
             return
+
+
+@PARTITIONERS.register("natural")
+def natural(groups: np.ndarray, num_clients: int, rng: np.random.Generator, **unknown: Any) -> list[np.ndarray]:
+    """Whole natural groups (a dataset's ``groups``: source document, author, site) per client.
+
+    Groups are dealt in a seeded random order, largest first, each to the client that holds the
+    fewest examples so far (a greedy balance, not an optimal one), so a group is never split. With as
+    many groups as clients, every client gets exactly one group."""
+    reject_unknown("partitioner 'natural'", unknown, [])
+    groups = _check_common(groups, num_clients)
+    names, inverse = np.unique(groups, return_inverse=True)
+    if len(names) < num_clients:
+        raise fail("num_clients", num_clients, f"<= the number of natural groups in the data ({len(names)})")
+    sizes = np.bincount(inverse)
+    order = rng.permutation(len(names))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    load = np.zeros(num_clients, np.int64)
+    owner = np.empty(len(names), np.int64)
+    for g in order:
+        c = int(np.argmin(load))
+        owner[g] = c
+        load[c] += sizes[g]
+    return _finish([np.flatnonzero(owner[inverse] == c) for c in range(num_clients)])

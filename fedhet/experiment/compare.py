@@ -61,25 +61,36 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None, only: 
 
 
 def headline_metric(row: dict[str, Any]) -> tuple[str, float | None]:
-    """The accuracy a row reports: the global model's, else the clients' mean (personalized runs)."""
-    for k in sorted(row):
-        if k.startswith("eval/") and k.endswith("/accuracy") and row[k] is not None:
+    """The score a row reports: the task's headline metric (the row's ``metric``, accuracy when
+    absent) of the first global target the algorithm lists (its ``eval_targets`` order), else the
+    clients' mean (personalized runs)."""
+    metric = row.get("metric") or "accuracy"
+    for k in row:
+        if k.startswith("eval/") and k.endswith(f"/{metric}") and row[k] is not None:
             return k, row[k]
-    return "clients/accuracy_mean", row.get("clients/accuracy_mean")
+    return f"clients/{metric}_mean", row.get(f"clients/{metric}_mean")
 
 
 def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """One table row for a run. ``final_accuracy`` / ``best_accuracy`` hold the task's headline
+    metric (``metric_name``: accuracy, f1, pearson); ``final_metrics`` every metric of the headline
+    target in the last evaluation (F1 per entity type, Spearman, ...)."""
     last = history[-1]
-    evals = [r for r in history if any(k.startswith(("eval/", "clients/accuracy")) for k in r)]
+    metric = next((r["metric"] for r in reversed(history) if r.get("metric")), "accuracy")
+    last = {"metric": metric, **last}
+    evals = [r for r in history if any(k.startswith(("eval/", "clients/")) for k in r)]
     key, final = headline_metric(last)
     best = max((r.get(key) for r in evals if r.get(key) is not None), default=None)
+    target = key[: -len(metric)] if key.startswith("eval/") else None
     return {
         "variant": name,
         "metric": key,
+        "metric_name": metric,
         "final_accuracy": final,
         "best_accuracy": best,
-        "client_accuracy_mean": last.get("clients/accuracy_mean"),
-        "client_accuracy_p10": last.get("clients/accuracy_p10"),
+        "final_metrics": {k[len(target):]: v for k, v in last.items() if target and k.startswith(target) and k[len(target):] not in ("width", "loss") and v is not None},
+        "client_accuracy_mean": last.get(f"clients/{metric}_mean"),
+        "client_accuracy_p10": last.get(f"clients/{metric}_p10"),
         "bytes_total": sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in history),
         "train_flops": sum(r.get("train_flops") or 0 for r in history),
         "failures": sum(r.get("failures") or 0 for r in history),
@@ -90,11 +101,12 @@ def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[
 
 
 def width_accuracy(row: dict[str, Any]) -> dict[str, float]:
-    """Accuracy of every evaluated width in a metrics row, keyed by the width (``"0.5"``)."""
+    """The headline metric of every evaluated width in a metrics row, keyed by the width (``"0.5"``)."""
     out: dict[str, float] = {}
+    metric = row.get("metric") or "accuracy"
     for k, v in row.items():
         if k.startswith("eval/") and k.endswith("/width") and v is not None:
-            acc = row.get(k[: -len("width")] + "accuracy")
+            acc = row.get(k[: -len("width")] + metric)
             if acc is not None:
                 out[f"{v:g}"] = acc
     return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))

@@ -50,7 +50,7 @@ class DataConfig(_Section):
 
     def partitioner_options(self) -> dict[str, Any]:
         opts = {"alpha": self.alpha, "min_size": self.min_size, "classes_per_client": self.classes_per_client}
-        allowed = {"dirichlet": {"alpha", "min_size"}, "shards": {"classes_per_client"}, "iid": set()}.get(self.partitioner)
+        allowed = {"dirichlet": {"alpha", "min_size"}, "shards": {"classes_per_client"}, "iid": set(), "natural": set()}.get(self.partitioner)
         out = {k: v for k, v in opts.items() if v is not None}
         if allowed is not None:
             for k in out:
@@ -92,6 +92,7 @@ class LocalConfig(_Section):
     grad_clip: float | None = Field(None, gt=0)
     lr_milestones: list[int] = Field(default_factory=list)
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
 
 
 class ServerConfig(_Section):

@@ -85,7 +85,8 @@ class Progress:
         self.t0 = time.perf_counter()
         self._bar = None
         if self.live and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"),
@@ -104,11 +105,13 @@ class Progress:
         parts = []
         if row.get("train_loss") is not None:
             parts.append(f"loss {row['train_loss']:.4f}")
-        acc = next((row[k] for k in row if k.endswith("/accuracy") and k.startswith("eval/") and row[k] is not None), None)
+        metric = row.get("metric") or "accuracy"
+        short = "acc" if metric == "accuracy" else metric
+        acc = next((row[k] for k in row if k.endswith(f"/{metric}") and k.startswith("eval/") and row[k] is not None), None)
         if acc is not None:
-            parts.append(f"acc {acc:.4f}")
-        if row.get("clients/accuracy_mean") is not None:
-            parts.append(f"client acc {row['clients/accuracy_mean']:.4f}")
+            parts.append(f"{short} {acc:.4f}")
+        if row.get(f"clients/{metric}_mean") is not None:
+            parts.append(f"client {short} {row[f'clients/{metric}_mean']:.4f}")
         if row.get("failures"):
             parts.append(f"{int(row['failures'])} failed")
         info = "  ".join(parts)

@@ -38,8 +38,39 @@ COLUMNS = [
 ]
 
 
+def metric_label(rows: list[dict[str, Any]]) -> str:
+    """The headline metric's name shared by the rows (``accuracy``, ``f1``, ``pearson``)."""
+    names = {r.get("metric_name") or "accuracy" for r in rows}
+    return names.pop() if len(names) == 1 else "score"
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    label = metric_label(rows)
+    rename = {"accuracy %": f"{label} %", "client mean %": f"client mean {label} %", "client p10 %": f"client p10 {label} %"}
+    if label == "accuracy":
+        return COLUMNS
+    return [(key, rename.get(header, header), kind) for key, header, kind in COLUMNS]
+
+
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[_fmt(r.get(key), kind) for key, _, kind in COLUMNS] for r in rows]
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every metric of the headline targets beyond plain accuracy (F1 per entity type, Spearman,
+    ...), empty for plain classification."""
+    names = sorted({k for r in rows for k in (r.get("final_metrics") or {})})
+    return [] if names in ([], ["accuracy"]) else names
+
+
+def markdown_metric_table(rows: list[dict[str, Any]]) -> str:
+    cols = metric_columns(rows)
+    if not cols:
+        return ""
+    header = "| variant | " + " | ".join(cols) + " |"
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    body = ["| " + " | ".join([r["variant"]] + [_fmt((r.get("final_metrics") or {}).get(c), "pct") for c in cols]) + " |" for r in rows]
+    return "\n".join([header, sep, *body])
 
 
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
@@ -48,7 +79,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
     console = Console(width=max(Console().width, 120))
     table = Table(title=title)
-    for _, header, kind in COLUMNS:
+    for _, header, kind in columns(rows):
         table.add_column(header, justify="left" if not kind else "right")
     for r in table_rows(rows):
         table.add_row(*r)
@@ -62,9 +93,18 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         for r in width_table_rows(rows):
             wt.add_row(*r)
         console.print(wt)
-    personalized = [r["variant"] for r in rows if r.get("metric") == "clients/accuracy_mean"]
+    mcols = metric_columns(rows)
+    if mcols:
+        mt = Table(title=f"{title}: every metric of the headline model, %")
+        mt.add_column("variant")
+        for c in mcols:
+            mt.add_column(c, justify="right")
+        for r in rows:
+            mt.add_row(r["variant"], *[_fmt((r.get("final_metrics") or {}).get(c), "pct") for c in mcols])
+        console.print(mt)
+    personalized = [r["variant"] for r in rows if str(r.get("metric", "")).startswith("clients/")]
     if personalized:
-        console.print(f"accuracy % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
+        console.print(f"{metric_label(rows)} % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
 
 
 def width_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -90,8 +130,9 @@ def markdown_width_table(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" if not k else "---:" for _, _, k in COLUMNS) + "|"
+    cols = columns(rows)
+    header = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" if not k else "---:" for _, _, k in cols) + "|"
     return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in table_rows(rows)])
 
 
@@ -104,12 +145,12 @@ def _axes():  # noqa: ANN202
     return plt.subplots(figsize=(7, 4.2))
 
 
-def _save(fig, ax, path: Path, title: str, xlabel: str) -> Path:  # noqa: ANN001
+def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy") -> Path:  # noqa: ANN001
     """Label, legend (when something was drawn), save and close a figure."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {ylabel} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_lines():
@@ -124,12 +165,14 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
     from fedhet.experiment.compare import headline_metric
 
     fig, ax = _axes()
+    metrics = set()
     for name, d in run_dirs.items():
         rows = read_jsonl(Path(d) / METRICS)
+        metrics |= {r["metric"] for r in rows if r.get("metric")}
         pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
-    return _save(fig, ax, path, title, "round")
+    return _save(fig, ax, path, title, "round", metrics.pop() if len(metrics) == 1 else "score")
 
 
 def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -143,7 +186,8 @@ def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=r["variant"])
     ax.set_xscale("log", base=2)
-    return _save(fig, ax, path, f"{title}: accuracy per width", "model width (fraction of the full model)")
+    label = metric_label(rows)
+    return _save(fig, ax, path, f"{title}: {label} per width", "model width (fraction of the full model)", label)
 
 
 def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
@@ -158,6 +202,9 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
         markdown_table(rows),
         "",
     ]
+    metrics = markdown_metric_table(rows)
+    if metrics:
+        text += ["Every metric (%) of each variant's headline model in the last evaluation.", "", metrics, ""]
     widths = markdown_width_table(rows)
     if widths:
         text += ["Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).", "", widths, ""]

@@ -18,6 +18,7 @@ from fedhet.core.registry import MODELS
 from fedhet.models import cnn as _cnn  # noqa: F401  (registers "cnn")
 from fedhet.models import mlp as _mlp  # noqa: F401  (registers "mlp")
 from fedhet.models import resnet as _resnet  # noqa: F401  (registers "resnet18", "resnet_small")
+from fedhet.models import transformer as _transformer  # noqa: F401  (registers "transformer")
 from fedhet.models.cnn import CNN
 from fedhet.models.cost import ModelCost, count_params, flops_per_sample, model_cost, state_nbytes
 from fedhet.models.mlp import MLP

@@ -82,16 +82,21 @@ def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
     }
 
 
-def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> dict[str, float]:
-    """Global targets on the global test set; each client on its own held-out split."""
-    row: dict[str, float] = {}
+def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> dict[str, Any]:
+    """Global targets on the global test set; each client on its own held-out split.
+
+    Every metric of the data's task is logged per target (``eval/<target>/<metric>``); clients are
+    summarised by the task's headline metric (``clients/<metric>_mean`` ...), whose name is the
+    row's ``metric`` entry."""
+    primary = run.world.dataset.task.primary
+    row: dict[str, Any] = {"metric": primary}
     alg = run.algorithm
     for name, (params, config) in alg.eval_targets(state).items():
         model = run.world.build_model(config)
         load_params(model, params)
         model = alg.eval_model(model, run.world.dataset.pooled_train())
         for k, v in evaluate(model, run.world.dataset.test, device=run.world.torch_device).items():
-            if k != "examples":
+            if k not in ("examples", "score"):
                 row[f"eval/{name}/{k}"] = v
         # the width each target runs at (an ensemble's is its number of bases times theirs)
         row[f"eval/{name}/width"] = float(config.get("width", 1.0)) * int(config.get("ensemble", 1))
@@ -99,17 +104,21 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
         tasks = alg.configure_eval(state, rnd, infos)
         by_id = {c.id: c for c in infos}
         results = run.executor.evaluate(alg, tasks, by_id)
-        accs, per_tier = [], defaultdict(list)
+        accs, per_tier = [], defaultdict(lambda: defaultdict(list))
         failed = 0
         for cid, m in results.items():
             if isinstance(m, str) or m.get("examples", 0) == 0:
                 failed += isinstance(m, str)
                 continue
-            accs.append(m["accuracy"])
-            per_tier[by_id[cid].tier].append(m["accuracy"])
-        row.update(_summary(accs, "clients/accuracy"))
-        for tier, vals in sorted(per_tier.items()):
-            row[f"clients/tier_{tier}/accuracy_mean"] = sum(vals) / len(vals)
+            accs.append(m[primary])
+            for k, v in m.items():
+                if k not in ("examples", "score", "loss") and v == v:
+                    per_tier[by_id[cid].tier][k].append(v)
+        row.update(_summary(accs, f"clients/{primary}"))
+        # per tier, the mean of every metric of the task (e.g. F1 per entity type)
+        for tier, metrics in sorted(per_tier.items()):
+            for k, vals in metrics.items():
+                row[f"clients/tier_{tier}/{k}_mean"] = sum(vals) / len(vals)
         if failed:
             row["clients/eval_failures"] = float(failed)
     return row
@@ -127,6 +136,7 @@ def init_state(run: Run) -> Any:
         generator=rng.generator(run.seed, "server_init"),
         build_model=run.world.build_model,
         sizes=run.fleet.sizes,
+        initial_params=run.world.initial_params,
     )
     return run.algorithm.init(setup)
 

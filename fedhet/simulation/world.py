@@ -54,7 +54,7 @@ class ClientWorld:
         ``n`` independent bases of that size (``fedhet.models.ensemble``); any other key overrides the
         run's model option of that name (e.g. ``exits="all"`` for a server-side multi-exit model)."""
         size = ModelSize(width=float(config.get("width", 1.0)), depth=config.get("depth"), density=float(config.get("density", 1.0)))  # type: ignore[arg-type]
-        options = dict(self.model_options)
+        options = {**self.dataset.model_options, **self.model_options}
         options.update({k: v for k, v in config.items() if k not in SIZE_KEYS and k != "ensemble"})
 
         def one() -> nn.Module:

@@ -18,6 +18,9 @@ from torch import nn
 
 from fedhet.data.base import ArrayDataset, Transform
 
+#: local optimizers (``LocalTraining.optimizer``)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
 #: (model output, targets) -> scalar loss
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: model -> scalar added to the loss of every step (e.g. FedProx's (μ/2)‖θ − θ_g‖²)
@@ -42,6 +45,9 @@ class LocalTraining:
         lr_milestones: rounds at which η_l is multiplied by ``lr_gamma`` (a multi-step schedule over
             global rounds, as HeteroFL and Split-Mix use); combined with ``lr_decay``.
         lr_gamma: the factor applied at each milestone.
+        optimizer: ``sgd`` (with ``momentum``), ``adam`` or ``adamw`` (decoupled ``weight_decay``;
+            the usual choice for transformers). Like SGD's momentum, Adam's moments start afresh
+            every round.
     """
 
     epochs: int = 1
@@ -54,6 +60,7 @@ class LocalTraining:
     grad_clip: float | None = None
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
@@ -73,10 +80,19 @@ class LocalTraining:
                 "increasing round numbers >= 1",
             ),
             ("lr_gamma", 0 < self.lr_gamma <= 1, "0 < lr_gamma <= 1"),
+            ("optimizer", self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"local.{name}: got {getattr(self, name)!r}, allowed: {allowed}")
+
+    def make_optimizer(self, params: Sequence[nn.Parameter], rnd: int) -> torch.optim.Optimizer:
+        lr = self.lr_at(rnd)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def lr_at(self, rnd: int) -> float:
         passed = sum(1 for m in self.lr_milestones if rnd >= m)
@@ -105,12 +121,6 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, target)
 
 
-def _correct(output: torch.Tensor, target: torch.Tensor) -> int:
-    if output.dim() == 2 and target.dim() == 1 and not target.is_floating_point():
-        return int((output.argmax(dim=1) == target).sum())
-    return 0
-
-
 def train(
     model: nn.Module,
     data: ArrayDataset,
@@ -119,22 +129,24 @@ def train(
     *,
     rnd: int = 1,
     device: torch.device | None = None,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
     terms: Sequence[LossTerm] = (),
     after_backward: Sequence[GradHook] = (),
     transform: Transform | None = None,
     parameters: Sequence[nn.Parameter] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``data`` with SGD as ``spec`` says.
+    """Train ``model`` in place on ``data`` as ``spec`` says.
 
-    Batch order and augmentation draw only from ``generator``. ``parameters`` restricts what the
-    optimizer updates (default: every parameter of ``model``).
+    Batch order and augmentation draw only from ``generator``. The optimizer is ``spec.optimizer``. ``parameters`` restricts what the
+    optimizer updates (default: every parameter of ``model``). ``loss_fn`` defaults to the loss of
+    the data's task (cross-entropy for classification).
     """
     start = time.perf_counter()
+    loss_fn = loss_fn or data.task.loss
     device = device or torch.device("cpu")
     model.train()
     params = list(parameters) if parameters is not None else list(model.parameters())
-    opt = torch.optim.SGD(params, lr=spec.lr_at(rnd), momentum=spec.momentum, weight_decay=spec.weight_decay)
+    opt = spec.make_optimizer(params, rnd)
     total_loss = 0.0
     correct = 0
     seen = 0
@@ -161,7 +173,7 @@ def train(
             n = int(y.shape[0])
             total_loss += data_loss * n
             if isinstance(output, torch.Tensor):
-                correct += _correct(output.detach(), y)
+                correct += data.task.correct(output.detach(), y)
             seen += n
             steps += 1
             if spec.max_steps is not None and steps >= spec.max_steps:
@@ -171,7 +183,8 @@ def train(
             break
     return TrainStats(
         loss=total_loss / seen if seen else math.nan,
-        accuracy=correct / seen if seen else math.nan,
+        # the running accuracy is defined for classification only (NaN for regression and tagging)
+        accuracy=correct / seen if seen and data.task.kind == "classification" else math.nan,
         steps=steps,
         examples=seen,
         seconds=time.perf_counter() - start,
@@ -194,19 +207,21 @@ def evaluate(
     *,
     batch_size: int = 256,
     device: torch.device | None = None,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
     mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` on ``data`` (in eval mode). ``mask`` (bool over classes):
-    logits of the other classes are set to 0 before the accuracy is taken (HeteroFL's masked test).
+    """Mean loss and the task's metrics of ``model`` on ``data`` (in eval mode), plus ``score``: the
+    task's headline metric (accuracy for classification). ``mask`` (bool over classes): logits of
+    the other classes are set to 0 before the metrics are taken (HeteroFL's masked test).
 
     Batches are drawn in one fixed shuffled order (:data:`EVAL_ORDER_SEED`), so a model that
     normalises with batch statistics sees class-mixed batches even when a dataset is stored sorted by
     class (CIFAR-10 read from class folders is); for other models the order does not matter."""
     device = device or torch.device("cpu")
+    loss_fn = loss_fn or data.task.loss
+    meter = data.task.meter()
     model.eval()
     total_loss = 0.0
-    correct = 0
     n_total = 0
     for x, y in data.batches(batch_size, generator=eval_order()):
         x = x.to(device)
@@ -216,8 +231,9 @@ def evaluate(
         total_loss += float(loss_fn(output, y)) * n
         if mask is not None:
             output = output.masked_fill(~mask.to(output.device), 0.0)
-        correct += _correct(output, y)
+        meter.add(output, y)
         n_total += n
     if n_total == 0:
-        return {"loss": math.nan, "accuracy": math.nan, "examples": 0.0}
-    return {"loss": total_loss / n_total, "accuracy": correct / n_total, "examples": float(n_total)}
+        return {"loss": math.nan, data.task.primary: math.nan, "score": math.nan, "examples": 0.0}
+    metrics = meter.result()
+    return {"loss": total_loss / n_total, **metrics, "score": metrics[data.task.primary], "examples": float(n_total)}

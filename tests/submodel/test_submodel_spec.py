@@ -27,8 +27,13 @@ from fedhet.submodel.spec import (
 
 load_builtins()
 
-INPUTS = {"mlp": (1, 8, 8), "cnn": (3, 8, 8)}
-OPTIONS = {"resnet18": {"hidden": (8, 16, 16, 32)}, "resnet_small": {}, "cnn": {"norm": "bn"}}
+INPUTS = {"mlp": (1, 8, 8), "cnn": (3, 8, 8), "transformer": (3, 8)}
+OPTIONS = {
+    "resnet18": {"hidden": (8, 16, 16, 32)},
+    "resnet_small": {},
+    "cnn": {"norm": "bn"},
+    "transformer": {"vocab_size": 50, "hidden": 16, "layers": 3, "heads": 4, "ffn": 32},
+}
 WIDTHS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 
 
