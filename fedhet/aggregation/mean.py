@@ -82,3 +82,36 @@ def weighted_mean(params: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             raise ValueError(f"weighted_mean: weight {w!r} is negative; allowed: weights >= 0")
         acc.add_params(p, float(w))
     return acc.mean(params[0])
+
+
+class GroupedSum(Accumulator):
+    """One :class:`WeightedSum` per group of clients, the group read from each task by ``key_of``
+    (a picklable callable, e.g. the task's model config): per-tier or per-cluster averages that still
+    merge across worker processes."""
+
+    def __init__(self, key_of, weighting: str = "examples") -> None:  # noqa: ANN001
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: got {weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
+        self.key_of = key_of
+        self.weighting = weighting
+        self.groups: dict = {}
+        self.count = 0
+
+    def empty(self) -> GroupedSum:
+        return GroupedSum(self.key_of, self.weighting)
+
+    def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
+        key = self.key_of(task)
+        if key not in self.groups:
+            self.groups[key] = WeightedSum(self.weighting)
+        self.groups[key].add(cid, task, result)
+        self.count += 1
+
+    def merge(self, other: Accumulator) -> None:
+        assert isinstance(other, GroupedSum) and other.weighting == self.weighting
+        for key, acc in other.groups.items():
+            if key in self.groups:
+                self.groups[key].merge(acc)
+            else:
+                self.groups[key] = acc
+        self.count += other.count

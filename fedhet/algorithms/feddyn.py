@@ -31,6 +31,46 @@ from fedhet.training.losses import linear, proximal
 STORE_KEY = "feddyn.grad"
 
 
+def dyn_terms(store: Mapping[str, object], alpha: float, anchor: Mapping[str, torch.Tensor], device: torch.device) -> list[LossTerm]:
+    """The client's FedDyn terms: (α/2)‖θ − θ_g‖² − ⟨g_k, θ⟩, with g_k from its store (absent: 0)."""
+    grad = store.get(STORE_KEY)
+    terms: list[LossTerm] = [proximal(anchor, alpha)]
+    if grad is not None:
+        terms.append(linear({n: g.to(device) for n, g in grad.items()}, scale=-1.0))  # type: ignore[union-attr]
+    return terms
+
+
+def dyn_update(store: dict, alpha: float, model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> int:
+    """g_k ← g_k − α(θ_k − θ_g) into the client's store. An entry whose shape changed since the
+    client last trained (it was given another model size) restarts from 0; returns how many did."""
+    old = store.get(STORE_KEY) or {}
+    new, restarted = {}, 0
+    for n, p in model.named_parameters():
+        prev = old.get(n)
+        if prev is None or prev.shape != p.shape:
+            restarted += prev is not None
+            prev = torch.zeros_like(p, device="cpu")
+        new[n] = prev - alpha * (p.detach().cpu() - anchor[n].cpu())
+    store[STORE_KEY] = new
+    return restarted
+
+
+def dyn_server(
+    avg: Params, params: Params, h: Params, alpha: float, holders: Mapping[str, torch.Tensor | float], num_clients: int
+) -> tuple[Params, Params]:
+    """The server half, per element: h ← h − α·(m/N)·(avg − θ) with m the number of participants
+    holding the element, and θ ← avg − h/α where some participant holds it (elsewhere θ keeps its
+    value). Only entries in ``h`` (the trainable ones) are changed; the others take ``avg``."""
+    target = dict(avg)
+    new_h = {}
+    for n, h_n in h.items():
+        m = holders[n]
+        new_h[n] = h_n - alpha * (m / num_clients) * (avg[n] - params[n])
+        held = m > 0 if isinstance(m, torch.Tensor) else torch.tensor(m > 0)
+        target[n] = torch.where(held.to(avg[n].device), avg[n] - new_h[n] / alpha, params[n])
+    return target, new_h
+
+
 @dataclass
 class FedDynState(ServerState):
     h: Params
@@ -63,27 +103,14 @@ class FedDyn(FedAvg):
     def server_target(self, state: ServerState, acc: WeightedSum) -> tuple[Params, ServerState]:
         assert isinstance(state, FedDynState)
         avg = acc.mean(state.params)
-        frac = acc.count / state.num_clients
-        target = dict(avg)
-        h = {}
-        for n in state.trainable:
-            h[n] = state.h[n] - self.alpha * frac * (avg[n] - state.params[n])
-            target[n] = avg[n] - h[n] / self.alpha
+        holders = {n: float(acc.count) for n in state.h}
+        target, h = dyn_server(avg, state.params, state.h, self.alpha, holders, state.num_clients)
         return target, replace(state, h=h)
 
     def loss_terms(self, task: ClientTask, ctx: ClientContext, anchor: Mapping[str, torch.Tensor]) -> list[LossTerm]:
-        grad = ctx.store.get(STORE_KEY)
-        terms: list[LossTerm] = [proximal(anchor, self.alpha)]
-        if grad is not None:
-            terms.append(linear({n: g.to(ctx.device) for n, g in grad.items()}, scale=-1.0))
-        return terms
+        return dyn_terms(ctx.store, self.alpha, anchor, ctx.device)
 
     def after_local(
         self, task: ClientTask, ctx: ClientContext, model: nn.Module, anchor: Mapping[str, torch.Tensor]
     ) -> None:
-        old = ctx.store.get(STORE_KEY)
-        new = {}
-        for n, p in model.named_parameters():
-            prev = old[n] if old is not None else torch.zeros_like(p, device="cpu")
-            new[n] = prev - self.alpha * (p.detach().cpu() - anchor[n].cpu())
-        ctx.store[STORE_KEY] = new
+        dyn_update(ctx.store, self.alpha, model, anchor)

@@ -29,7 +29,7 @@ from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import FedAvg, ServerState, server_step
 from fedhet.core.algorithm import ServerSetup, load_params, model_params
 from fedhet.core.context import ClientContext
-from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
 from fedhet.data.base import ArrayDataset
 from fedhet.models.layers import with_static_bn
@@ -119,8 +119,12 @@ class HeteroFL(FedAvg):
         base = super().init(setup)
         if setup.build_model is None:
             raise ValueError(f"{self.name}: needs the model builder in ServerSetup to read the sub-model shapes")
-        family = ModelFamily.build(setup.build_model, base.model_config, [size_config(s) for s in setup.sizes])
+        family = ModelFamily.build(setup.build_model, base.model_config, [self.model_config(s) for s in setup.sizes])
         return SubmodelState(base.params, base.opt_state, base.trainable, base.model_config, family)
+
+    def model_config(self, size: ModelSize) -> Config:
+        """The model config a client of ``size`` trains (its size; subclasses add model options)."""
+        return size_config(size)
 
     def specs(self, state: SubmodelState) -> FamilySpecs:
         return FamilySpecs(state.family, self.width_mode, self.label_split)
@@ -131,7 +135,7 @@ class HeteroFL(FedAvg):
         cut: dict[Any, Params] = {}
         tasks = {}
         for c in clients:
-            config = size_config(c.size)
+            config = self.model_config(c.size)
             key = tuple(sorted(config.items()))
             if key not in cut:
                 cut[key] = specs.spec(config, rnd).extract(state.params)
@@ -169,6 +173,10 @@ class HeteroFL(FedAvg):
 
     # -- client -----------------------------------------------------------------------------------
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
+        kind = ctx.train.task.kind
+        for field in ("masked_ce", "label_split"):
+            if getattr(self, field) and kind != "classification":
+                raise ValueError(f"algorithm.{field}: got true on a {kind} task; allowed: true only for classification (set it to false)")
         model = ctx.build_model(task.config)
         load_params(model, task.params)
         loss_fn = masked_cross_entropy(task.extras[LABELS]) if self.masked_ce else None

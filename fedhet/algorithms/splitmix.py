@@ -222,10 +222,7 @@ class SplitMix(FedAvg):
                 )
         config = ensemble_config(self.atom, self.k)
         model = setup.build_model(config)
-        # the world's seeded initial parameters of this config (the builder's model may be a reused one)
-        owner = getattr(setup.build_model, "__self__", None)
-        initial = owner.initial_params(config) if hasattr(owner, "initial_params") else model_params(model)
-        params = {k: v.detach().clone() for k, v in initial.items()}
+        params = setup.initial(config)
         trainable = frozenset(n for n in trainable_names(model) if params[n].is_floating_point())
         widths = {float(s.width) for s in setup.sizes}
         if self.eval_all_widths:

@@ -49,6 +49,17 @@ class ServerSetup:
     build_model: Callable[[Config], nn.Module] | None = None
     #: every model size a client may be given during the run (largest first)
     sizes: Sequence[ModelSize] = ()
+    #: the seeded initial parameters of a model of a given config (the same in every process)
+    initial_params: Callable[[Config], Params] | None = None
+
+    def initial(self, config: Config) -> Params:
+        """Fresh copies of the initial parameters of a model of ``config`` (e.g. a multi-exit or
+        ensemble global model that differs from the fleet's global size)."""
+        if self.initial_params is not None:
+            return {k: v.detach().clone() for k, v in self.initial_params(config).items()}
+        if self.build_model is None:
+            raise ValueError("ServerSetup: neither initial_params nor build_model was given")
+        return model_params(self.build_model(config))
 
 
 @dataclass(frozen=True, kw_only=True)

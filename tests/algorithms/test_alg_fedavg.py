@@ -20,7 +20,6 @@ from fedhet.server_opt import fedavg as sgd
 from fedhet.simulation.loop import run_rounds
 from fedhet.training.local import LocalTraining
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -14,7 +14,6 @@ from fedhet.experiment.config import load_config
 from fedhet.simulation.loop import run_rounds
 from fedhet.training.local import LocalTraining
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

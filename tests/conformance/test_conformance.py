@@ -22,7 +22,12 @@ NAMES = ALGORITHMS.names()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+#: algorithms whose tiers must differ in depth rather than width run on two depth tiers
+DEPTH_TIERS = {"inclusivefl"}
+
+
 def _overrides(name, seed, rounds=2):
+    depth = name in DEPTH_TIERS
     return [
         f"seed={seed}",
         f"rounds={rounds}",
@@ -30,8 +35,8 @@ def _overrides(name, seed, rounds=2):
         "data.dataset=synthetic",
         "data.num_clients=4",
         "model.name=mlp",
-        "model.options={hidden: [8]}",
-        "devices.tiers=a1-b1",
+        "model.options={hidden: [8, 8, 8]}" if depth else "model.options={hidden: [8]}",
+        "devices.tiers=[{name: a, depth: 3}, {name: b, depth: 2}]" if depth else "devices.tiers=a1-b1",
         "devices.policy=auto",
         "local.batch_size=32",
         "local.max_steps=2",

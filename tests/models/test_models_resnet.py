@@ -12,8 +12,10 @@ from torch import nn
 from fedhet.core.messages import ModelSize
 from fedhet.models import PreActResNet, build_model, count_params
 from fedhet.models.layers import NORMS, Scaler
-from fedhet.models.resnet import resnet18, resnet_small
+from fedhet.models.resnet import BottleneckExit, Exit, resnet18, resnet_small
 from fedhet.submodel.architecture import CLASSES, DepthBlock, depth_blocks, group_sizes, width_axes
+from fedhet.submodel.family import ModelFamily
+from fedhet.submodel.spec import depth_spec
 
 WIDTHS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 SMALL = {"hidden": (4, 8, 8, 16), "blocks": (2, 1, 2, 1)}  # identity blocks in stages 0, 2 and the stem group
@@ -344,3 +346,336 @@ def test_model_at_depth_k_is_the_stem_the_first_k_stages_and_their_exits(exits):
         }
         assert got == want
         assert not any(b.holds(n) or b.exit_holds(n) for b in blocks for n in full if n.startswith("stem."))
+
+
+# ------------------------------------------------------------- DepthFL bottleneck exits
+
+
+def bsmall(width=1.0, depth=None, **options):
+    return small(width=width, depth=depth, exit_head="bottleneck", **options)
+
+
+def exit_trace(model, x):
+    """Output shape of every exit's attention, scala steps and logits, by exit name."""
+    seen, hooks = {}, []
+    for key, head in model.exits.items():
+        parts = [("logits", head)]
+        if isinstance(head, BottleneckExit):
+            parts += [("attention", head.attention)] + [(f"scala{j}", s) for j, s in enumerate(head.scala)]
+        for part, mod in parts:
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, a, o, k=key, p=part: seen.setdefault(k, {}).__setitem__(p, tuple(o.shape))
+                )
+            )
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_bottleneck_exit_shapes_of_resnet18_on_cifar():
+    m = resnet18(input_shape=(3, 32, 32), num_classes=100, size=ModelSize(), exits="all", exit_head="bottleneck")
+    assert [type(e).__name__ for e in m.exits.values()] == ["BottleneckExit"] * 3 + ["Exit"]
+    out, seen = exit_trace(m.eval(), torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in out] == [(2, 100)] * 4
+    # the attention keeps the stage's map; each scala step doubles the channels and halves the map,
+    # so every exit ends at the last stage's 512 x 4 x 4
+    assert seen["0"] == {
+        "attention": (2, 64, 32, 32), "scala0": (2, 128, 16, 16), "scala1": (2, 256, 8, 8), "scala2": (2, 512, 4, 4),
+        "logits": (2, 100),
+    }  # fmt: skip
+    assert seen["1"] == {
+        "attention": (2, 128, 16, 16),
+        "scala0": (2, 256, 8, 8),
+        "scala1": (2, 512, 4, 4),
+        "logits": (2, 100),
+    }
+    assert seen["2"] == {"attention": (2, 256, 8, 8), "scala0": (2, 512, 4, 4), "logits": (2, 100)}
+    assert seen["3"] == {"logits": (2, 100)}
+    assert m.exits["0"].linear.weight.shape == m.exits["2"].linear.weight.shape == (100, 512)
+    sep = m.exits["1"].scala[0]
+    assert sep.dw1.weight.shape == (128, 1, 3, 3) and sep.dw1.stride == (2, 2) and sep.dw1.groups == 128
+    assert sep.pw1.weight.shape == (128, 128, 1, 1) and sep.dw2.stride == (1, 1)
+    assert sep.pw2.weight.shape == (256, 128, 1, 1) and sep.norm2.weight.shape == (256,)
+
+
+def test_bottleneck_param_count_by_hand():
+    m = resnet18(input_shape=(3, 32, 32), num_classes=100, size=ModelSize(), exits="all", exit_head="bottleneck")
+
+    def sep(cin, cout):  # dw 3x3, pw cin->cin, norm, dw 3x3, pw cin->cout, norm; no conv biases
+        return cin * 9 + cin * cin + 2 * cin + cin * 9 + cin * cout + 2 * cout
+
+    hidden = (64, 128, 256, 512)
+    heads = 0
+    for i in range(3):
+        chain = sum(sep(hidden[j], hidden[j + 1]) for j in range(i, 3))
+        heads += 2 * hidden[i] + sep(hidden[i], hidden[i]) + 2 * hidden[i] + chain + 512 * 100 + 100
+    assert [count_params(m.exits[str(i)]) for i in range(3)] == [329_956, 342_372, 391_780]
+    plain = resnet18(input_shape=(3, 32, 32), num_classes=100, size=ModelSize(), exits="last")
+    assert count_params(plain) == 11_218_340
+    assert count_params(m) == count_params(plain) + heads == 12_282_448
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_bottleneck_forward_shapes_all_exits(depth):
+    m = bsmall(depth=depth, exits="all")
+    assert list(m.exits) == [str(i) for i in range(depth)]
+    assert [isinstance(e, BottleneckExit) for e in m.exits.values()] == [i < 3 for i in range(depth)]
+    out = m(torch.randn(2, 3, 8, 8))
+    assert isinstance(out, list) and len(out) == depth and all(o.shape == (2, 5) for o in out)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_bottleneck_forward_shapes_last_exit(depth):
+    m = bsmall(depth=depth)
+    head = m.exits[str(depth - 1)]
+    assert list(m.exits) == [str(depth - 1)]
+    if depth < 4:  # below full depth: the bottleneck exit of the global multi-exit model
+        assert isinstance(head, BottleneckExit)
+        assert head.widths == SMALL["hidden"][depth - 1 :]
+        assert len(head.scala) == 4 - depth
+    else:
+        assert type(head) is Exit
+    out, seen = exit_trace(m, torch.randn(2, 3, 8, 8))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+    if depth < 4:
+        assert seen[str(depth - 1)][f"scala{3 - depth}"] == (2, 16, 1, 1)  # the last stage's channels and map
+
+
+@pytest.mark.parametrize("size", [7, 9, 13])
+def test_bottleneck_exits_on_odd_maps(size):
+    # the attention map is upsampled to the feature map's size, so odd maps (where a stride-2 conv and
+    # a x2 upsample do not meet) work, and the scala chain ends at the last stage's resolution
+    m = bsmall(exits="all").train()
+    out, seen = exit_trace(m, torch.randn(2, 3, size, size))
+    assert all(o.shape == (2, 5) for o in out)
+    last = math.ceil(size / 8)
+    assert seen["0"]["attention"] == (2, 4, size, size)
+    assert seen["0"]["scala2"][2:] == seen["1"]["scala1"][2:] == seen["2"]["scala0"][2:] == (last, last)
+
+
+def test_attention_upsample_equals_scale_factor_two_on_even_maps():
+    a = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(
+        nn.functional.interpolate(a, size=(8, 10), mode="bilinear", align_corners=False),
+        nn.functional.interpolate(a, scale_factor=2, mode="bilinear", align_corners=False),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_bottleneck_exit_forward_by_hand():
+    torch.manual_seed(0)
+    m = bsmall(exits="all", norm="gn").eval()
+    head = m.exits["1"]
+    x = torch.randn(2, 8, 4, 4)
+
+    def sep(s, t):
+        t = torch.relu(s.norm1(s.pw1(s.dw1(t))))
+        return torch.relu(s.norm2(s.pw2(s.dw2(t))))
+
+    f = torch.relu(head.norm(x))
+    a = torch.relu(head.attention.norm(sep(head.attention.sep, f)))
+    f = f * torch.sigmoid(nn.functional.interpolate(a, scale_factor=2, mode="bilinear", align_corners=False))
+    for s in head.scala:
+        f = sep(s, f)
+    torch.testing.assert_close(head(x), head.linear(f.mean(dim=(2, 3))))
+
+
+def test_bottleneck_depth_k_model_is_the_global_models_prefix():
+    # a depth-k client model = the first k stages + exit k-1 of the global multi-exit model: its
+    # names are the global model's, with the same shapes, and the ones depth_spec selects
+    def build(config):
+        torch.manual_seed(0)
+        size = ModelSize(width=config.get("width", 1.0), depth=config.get("depth"))
+        return bsmall(width=size.width, depth=size.depth, exits=config.get("exits", "last"))
+
+    sizes = [{"width": w, "depth": d} for w in (1.0, 0.5) for d in (1, 2, 3, 4)]
+    family = ModelFamily.build(build, {"width": 1.0, "depth": None, "exits": "all"}, sizes)  # checks every spec
+    full = build({"exits": "all"})
+    glob = {n: tuple(v.shape) for n, v in full.state_dict().items()}
+    assert family.global_shapes == glob
+    for k in (1, 2, 3, 4):
+        got = {n: tuple(v.shape) for n, v in build({"depth": k}).state_dict().items()}
+        assert set(got) <= set(glob) and all(glob[n] == s for n, s in got.items())
+        assert depth_spec(family.blocks, glob, k, exits="last").shapes() == got
+        assert family.spec({"width": 1.0, "depth": k}).shapes() == got
+        if k < 4:
+            assert any(n.startswith(f"exits.{k - 1}.scala.") for n in got)
+        half = {n: tuple(v.shape) for n, v in build({"width": 0.5, "depth": k}).state_dict().items()}
+        assert family.spec({"width": 0.5, "depth": k}).shapes() == half
+
+
+def test_bottleneck_depth_k_model_computes_the_global_models_exit():
+    torch.manual_seed(0)
+    multi = bsmall(exits="all", norm="gn").eval()
+    state = multi.state_dict()
+    x = torch.randn(3, 3, 8, 8)
+    for k in (1, 2, 3, 4):
+        shallow = bsmall(depth=k, norm="gn").eval()
+        keep = ("stem.", *(f"stages.{s}." for s in range(k)), f"exits.{k - 1}.")
+        shallow.load_state_dict({n: v for n, v in state.items() if n.startswith(keep)})
+        torch.testing.assert_close(multi(x)[k - 1], shallow(x))
+
+
+def test_bottleneck_exits_are_in_their_blocks_exit_prefixes():
+    m = bsmall(exits="all")
+    blocks = depth_blocks(m)
+    assert blocks == [DepthBlock((f"stages.{s}",), (f"exits.{s}",)) for s in range(4)]
+    for name in m.state_dict():
+        if name.startswith("exits."):
+            i = int(name.split(".")[1])
+            assert [b.exit_holds(name) for b in blocks] == [j == i for j in range(4)]
+            assert not any(b.holds(name) for b in blocks)
+
+
+@pytest.mark.parametrize("width", [1.0, 0.5, 0.25, 0.0625])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("exits", ["last", "all"])
+def test_bottleneck_width_axes_validate(width, depth, exits):
+    m = resnet18(
+        input_shape=(3, 8, 8),
+        num_classes=10,
+        size=ModelSize(width=width, depth=depth),
+        exits=exits,
+        exit_head="bottleneck",
+    )
+    axes = width_axes(m)  # raises on any entry missing, unknown or inconsistent in size
+    assert set(axes) == set(m.state_dict())
+    for key, head in m.exits.items():
+        assert axes[f"exits.{key}.linear.weight"][0] == CLASSES and axes[f"exits.{key}.linear.bias"] == (CLASSES,)
+
+
+def test_bottleneck_groups():
+    m = resnet18(input_shape=(3, 8, 8), num_classes=10, size=ModelSize(), exits="all", exit_head="bottleneck")
+    axes = width_axes(m)
+    e = "exits.1"
+    assert axes[f"{e}.norm.weight"] == ("stage1",)
+    # the attention multiplies the stage's features: its output is the stage's group
+    assert axes[f"{e}.attention.sep.dw1.weight"] == ("stage1", None, None, None)
+    assert axes[f"{e}.attention.sep.pw1.weight"] == ("exit1.attention.mid", "stage1", None, None)
+    assert axes[f"{e}.attention.sep.norm1.running_mean"] == ("exit1.attention.mid",)
+    assert axes[f"{e}.attention.sep.dw2.weight"] == ("exit1.attention.mid", None, None, None)
+    assert axes[f"{e}.attention.sep.pw2.weight"] == ("stage1", "exit1.attention.mid", None, None)
+    assert axes[f"{e}.attention.norm.weight"] == ("stage1",)
+    assert axes[f"{e}.attention.sep.norm1.num_batches_tracked"] == ()
+    # the scala chain: groups of its own
+    assert axes[f"{e}.scala.0.dw1.weight"] == ("stage1", None, None, None)
+    assert axes[f"{e}.scala.0.pw1.weight"] == ("exit1.scala0.mid", "stage1", None, None)
+    assert axes[f"{e}.scala.0.pw2.weight"] == ("exit1.scala0", "exit1.scala0.mid", None, None)
+    assert axes[f"{e}.scala.1.dw1.weight"] == ("exit1.scala0", None, None, None)
+    assert axes[f"{e}.scala.1.pw2.weight"] == ("exit1.scala1", "exit1.scala1.mid", None, None)
+    assert axes[f"{e}.scala.1.norm2.weight"] == ("exit1.scala1",)
+    assert axes[f"{e}.linear.weight"] == (CLASSES, "exit1.scala1")
+    assert axes["exits.3.linear.weight"] == (CLASSES, "stage3")  # the last stage's exit is plain
+    full = group_sizes(m)
+    assert {g: c for g, c in full.items() if g.startswith("exit1.")} == {
+        "exit1.attention.mid": 128, "exit1.scala0.mid": 128, "exit1.scala0": 256, "exit1.scala1.mid": 256,
+        "exit1.scala1": 512,
+    }  # fmt: skip
+    assert len(full) == 12 + (1 + 2 * 3) + (1 + 2 * 2) + (1 + 2 * 1)
+    for width in (0.5, 0.25, 0.0625):
+        cut = resnet18(
+            input_shape=(3, 8, 8), num_classes=10, size=ModelSize(width=width), exits="all", exit_head="bottleneck"
+        )
+        assert group_sizes(cut) == {g: math.ceil(c * width) for g, c in full.items()}
+        assert width_axes(cut) == axes
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_bottleneck_norms_and_scalers(norm):
+    m = bsmall(width=0.5, norm=norm, scaler=True, exits="all")
+    head = m.exits["0"]
+    norms = [head.norm, head.attention.norm] + [
+        n for s in [head.attention.sep, *head.scala] for n in (s.norm1, s.norm2)
+    ]
+    kind = {"bn": nn.BatchNorm2d, "batch": nn.BatchNorm2d, "gn": nn.GroupNorm, "none": nn.Identity}[norm]
+    assert all(type(n) is kind for n in norms)
+    if norm in ("bn", "batch"):
+        assert all(n.track_running_stats == (norm == "bn") for n in norms)
+    scalers = [s for s in head.modules() if isinstance(s, Scaler)]
+    assert len(scalers) == len(norms) == 2 + 2 * 4 and all(s.rate == 0.5 for s in scalers)
+    assert not any(isinstance(s, Scaler) for s in bsmall(width=0.5, norm=norm, exits="all").modules())
+    assert set(width_axes(m)) == set(m.state_dict())
+    assert all(o.shape == (2, 5) for o in m(torch.randn(2, 3, 8, 8)))
+
+
+def test_bottleneck_backward_reaches_every_parameter():
+    m = bsmall(exits="all")
+    loss = sum(nn.functional.cross_entropy(o, torch.tensor([0, 1])) for o in m(torch.randn(2, 3, 8, 8)))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+@pytest.mark.parametrize("factory", [resnet18, resnet_small])
+@pytest.mark.parametrize("exits", ["last", "all"])
+@pytest.mark.parametrize("depth", [None, 2])
+def test_linear_exit_head_is_bit_identical_to_the_default(factory, exits, depth):
+    def build(**options):
+        torch.manual_seed(3)
+        return factory(
+            input_shape=(3, 16, 16), num_classes=7, size=ModelSize(width=0.5, depth=depth), exits=exits, scaler=True,
+            hidden=(8, 16, 16, 32), **options,
+        )  # fmt: skip
+
+    default, linear = build(), build(exit_head="linear")
+    a, b = default.state_dict(), linear.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(isinstance(e, BottleneckExit) for e in linear.modules())
+    x = torch.randn(3, 3, 16, 16)
+    for mode in (nn.Module.train, nn.Module.eval):
+        mode(default), mode(linear)
+        da, db = default(x), linear(x)
+        da, db = (da, db) if exits == "all" else ([da], [db])
+        assert all(torch.equal(p, q) for p, q in zip(da, db, strict=True))
+
+
+def test_full_depth_single_exit_model_is_the_same_with_either_head():
+    # the exit after the full-depth last stage stays the plain one
+    torch.manual_seed(0)
+    plain = small()
+    torch.manual_seed(0)
+    bottleneck = bsmall()
+    a, b = plain.state_dict(), bottleneck.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("value", ["conv", "Linear", None, 1])
+def test_bad_exit_head(value):
+    with pytest.raises(
+        ValueError, match=rf"model 'resnet_small': exit_head must be one of linear, bottleneck, got {value!r}"
+    ):
+        resnet_small(input_shape=(3, 8, 8), num_classes=10, size=ModelSize(), exit_head=value)
+    with pytest.raises(ValueError, match="PreActResNet: exit_head must be one of linear, bottleneck"):
+        PreActResNet(3, 10, (4, 8), (1, 1), exit_head=value)
+
+
+def test_bottleneck_on_models_of_other_stage_counts():
+    # any number of stages and any stage widths: exits lead through the later stages' widths
+    two = resnet_small(
+        input_shape=(3, 8, 8),
+        num_classes=4,
+        size=ModelSize(),
+        hidden=(3, 5),
+        blocks=(1, 1),
+        exits="all",
+        exit_head="bottleneck",
+    )
+    assert (
+        isinstance(two.exits["0"], BottleneckExit) and two.exits["0"].widths == (3, 5) and type(two.exits["1"]) is Exit
+    )
+    assert [o.shape for o in two(torch.randn(2, 3, 8, 8))] == [(2, 4)] * 2
+    one = resnet_small(
+        input_shape=(3, 8, 8), num_classes=4, size=ModelSize(), hidden=(6,), blocks=(2,), exit_head="bottleneck"
+    )
+    assert type(one.exits["0"]) is Exit
+    five = resnet_small(
+        input_shape=(3, 32, 32), num_classes=4, size=ModelSize(width=0.5, depth=2), hidden=(4, 6, 10, 14, 20),
+        blocks=(1, 1, 1, 1, 1), exit_head="bottleneck",
+    )  # fmt: skip
+    assert five.exits["1"].widths == (3, 5, 7, 10)
+    assert five(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert set(width_axes(five)) == set(five.state_dict())
+    with pytest.raises(ValueError, match="full_hidden"):
+        PreActResNet(3, 4, (4, 8), (1, 1), exit_head="bottleneck", full_hidden=(4, 9, 16))

@@ -99,8 +99,14 @@ def comparable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_parallel_matches_sequential_bit_for_bit(tmp_path: Path, algorithm: str) -> None:
-    seq_run = make_run(tmp_path, "sequential", algorithm)
-    par_run = make_run(tmp_path, "parallel", algorithm)
+    # depth-tiered algorithms (InclusiveFL) train three depths of a three-layer MLP instead
+    extra = (
+        ("model.options={hidden: [16, 16, 16]}", "devices.tiers=[{name: a, depth: 3}, {name: b, depth: 2}, {name: c, depth: 2}]")
+        if algorithm == "inclusivefl"
+        else ()
+    )
+    seq_run = make_run(tmp_path, "sequential", algorithm, *extra)
+    par_run = make_run(tmp_path, "parallel", algorithm, *extra)
     assert isinstance(par_run.executor, ParallelExecutor) and par_run.executor.workers == 2
     seq, par = finish(seq_run), finish(par_run)
 
