@@ -97,7 +97,26 @@ def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[
         "rounds": last["round"],
         "seconds": seconds,
         "width_accuracy": width_accuracy(last),
+        "model_metrics": model_metrics(last),
     }
+
+
+def model_metrics(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every metric of every model a metrics row evaluated: each global target (``eval/<t>/<m>``,
+    in the algorithm's order) and each tier's client mean (``clients/tier_<t>/<m>_mean``, as
+    ``"clients, tier <t>"``). Losses and widths are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for k, v in row.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k.startswith("eval/"):
+            target, _, metric = k[len("eval/") :].partition("/")
+            if metric not in ("loss", "width"):
+                out.setdefault(target, {})[metric] = float(v)
+        elif k.startswith("clients/tier_") and k.endswith("_mean"):
+            tier, _, metric = k[len("clients/tier_") : -len("_mean")].partition("/")
+            out.setdefault(f"clients, tier {tier}", {})[metric] = float(v)
+    return out
 
 
 def width_accuracy(row: dict[str, Any]) -> dict[str, float]:

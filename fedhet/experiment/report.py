@@ -63,6 +63,22 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [] if names in ([], ["accuracy"]) else names
 
 
+def markdown_model_table(rows: list[dict[str, Any]]) -> str:
+    """One line per evaluated model of every variant (exits, tiers, widths, client tiers) with
+    every metric, when some variant evaluates more than one model; else empty."""
+    if not any(len(r.get("model_metrics") or {}) > 1 for r in rows):
+        return ""
+    cols = sorted({m for r in rows for mm in (r.get("model_metrics") or {}).values() for m in mm})
+    header = "| variant | model | " + " | ".join(cols) + " |"
+    sep = "|---|---|" + "|".join("---:" for _ in cols) + "|"
+    body = [
+        "| " + " | ".join([r["variant"], model] + [_fmt(mm.get(c), "pct") for c in cols]) + " |"
+        for r in rows
+        for model, mm in (r.get("model_metrics") or {}).items()
+    ]
+    return "\n".join([header, sep, *body])
+
+
 def markdown_metric_table(rows: list[dict[str, Any]]) -> str:
     cols = metric_columns(rows)
     if not cols:
@@ -205,6 +221,9 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     metrics = markdown_metric_table(rows)
     if metrics:
         text += ["Every metric (%) of each variant's headline model in the last evaluation.", "", metrics, ""]
+    models = markdown_model_table(rows)
+    if models:
+        text += ["Every model each variant evaluated in the last evaluation (global targets on the global test set;", "client tiers: mean over the tier's clients on their own held-out splits), %.", "", models, ""]
     widths = markdown_width_table(rows)
     if widths:
         text += ["Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).", "", widths, ""]

@@ -117,3 +117,34 @@ def test_width_accuracy_table_and_plot(tmp_path):
     write_report(tmp_path, "t", rows, {})
     assert (tmp_path / "accuracy_per_width.png").exists()
     assert "width 0.25" in (tmp_path / "report.md").read_text()
+
+
+def test_model_metrics_and_the_per_model_table():
+    from fedhet.experiment.compare import model_metrics, summarize
+    from fedhet.experiment.report import markdown_model_table
+
+    row = {
+        "round": 3,
+        "metric": "f1",
+        "eval/depth_6/loss": 0.3,
+        "eval/depth_6/f1": 0.5,
+        "eval/depth_6/f1/Drug": 0.75,
+        "eval/depth_6/width": 1.0,
+        "eval/depth_2/f1": 0.25,
+        "clients/f1_mean": 0.4,
+        "clients/tier_a/f1_mean": 0.45,
+        "clients/tier_a/f1/Drug_mean": 0.6,
+    }
+    assert model_metrics(row) == {
+        "depth_6": {"f1": 0.5, "f1/Drug": 0.75},
+        "depth_2": {"f1": 0.25},
+        "clients, tier a": {"f1": 0.45, "f1/Drug": 0.6},
+    }
+    s = summarize("InclusiveFL", [row], 1.0)
+    assert (s["metric"], s["metric_name"], s["final_accuracy"]) == ("eval/depth_6/f1", "f1", 0.5)
+    assert s["final_metrics"] == {"f1": 0.5, "f1/Drug": 0.75}
+    table = markdown_model_table([s]).splitlines()
+    assert table[0] == "| variant | model | f1 | f1/Drug |"
+    assert table[2] == "| InclusiveFL | depth_6 | 50.00 | 75.00 |"
+    assert table[4] == "| InclusiveFL | clients, tier a | 45.00 | 60.00 |"
+    assert markdown_model_table([{"variant": "x", "model_metrics": {"global": {"accuracy": 0.5}}}]) == ""
