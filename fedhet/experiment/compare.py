@@ -60,6 +60,13 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None, only: 
     return Comparison(str(data.get("name", p.stem)), variants)
 
 
+def run_dir_name(variant: str) -> str:
+    """A variant's run folder: its name with path separators replaced ("InclusiveFL w/o MD" ->
+    "InclusiveFL w-o MD"), so every variant is one folder directly under the comparison's."""
+    name = variant.replace("/", "-").replace("\\", "-").strip()
+    return name if name not in ("", ".", "..") else f"variant-{name}"
+
+
 def headline_metric(row: dict[str, Any]) -> tuple[str, float | None]:
     """The score a row reports: the task's headline metric (the row's ``metric``, accuracy when
     absent) of the first global target the algorithm lists (its ``eval_targets`` order), else the
@@ -141,7 +148,7 @@ def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = Non
     for vname, cfg in cmp.variants.items():
         if progress is not None:
             cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"progress": progress})})
-        run_dir = out_dir / vname
+        run_dir = out_dir / run_dir_name(vname)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
@@ -162,5 +169,5 @@ def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = Non
     summary.write_text(json.dumps(rows, indent=2))
     from fedhet.experiment.report import write_report
 
-    write_report(out_dir, cmp.name, rows, {r["variant"]: out_dir / r["variant"] for r in rows})
+    write_report(out_dir, cmp.name, rows, {r["variant"]: out_dir / run_dir_name(r["variant"]) for r in rows})
     return rows

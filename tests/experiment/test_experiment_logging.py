@@ -148,3 +148,11 @@ def test_model_metrics_and_the_per_model_table():
     assert table[2] == "| InclusiveFL | depth_6 | 50.00 | 75.00 |"
     assert table[4] == "| InclusiveFL | clients, tier a | 45.00 | 60.00 |"
     assert markdown_model_table([{"variant": "x", "model_metrics": {"global": {"accuracy": 0.5}}}]) == ""
+
+
+def test_variant_names_with_slashes_get_one_folder():
+    from fedhet.experiment.compare import run_dir_name
+
+    assert run_dir_name("InclusiveFL w/o MD") == "InclusiveFL w-o MD"
+    assert run_dir_name("a\\b") == "a-b"
+    assert run_dir_name("..") == "variant-.."
