@@ -127,14 +127,16 @@ def model_metrics(row: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def width_accuracy(row: dict[str, Any]) -> dict[str, float]:
-    """The headline metric of every evaluated width in a metrics row, keyed by the width (``"0.5"``)."""
+    """The headline metric of every evaluated width in a metrics row, keyed by the width (``"0.5"``).
+    When several targets run at one width (DepthFL's exits, InclusiveFL's tiers), the first the
+    algorithm lists stands for it."""
     out: dict[str, float] = {}
     metric = row.get("metric") or "accuracy"
     for k, v in row.items():
         if k.startswith("eval/") and k.endswith("/width") and v is not None:
             acc = row.get(k[: -len("width")] + metric)
             if acc is not None:
-                out[f"{v:g}"] = acc
+                out.setdefault(f"{v:g}", acc)
     return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
 
 

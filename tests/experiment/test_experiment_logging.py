@@ -131,6 +131,7 @@ def test_model_metrics_and_the_per_model_table():
         "eval/depth_6/f1/Drug": 0.75,
         "eval/depth_6/width": 1.0,
         "eval/depth_2/f1": 0.25,
+        "eval/depth_2/width": 1.0,
         "clients/f1_mean": 0.4,
         "clients/tier_a/f1_mean": 0.45,
         "clients/tier_a/f1/Drug_mean": 0.6,
@@ -148,6 +149,10 @@ def test_model_metrics_and_the_per_model_table():
     assert table[2] == "| InclusiveFL | depth_6 | 50.00 | 75.00 |"
     assert table[4] == "| InclusiveFL | clients, tier a | 45.00 | 60.00 |"
     assert markdown_model_table([{"variant": "x", "model_metrics": {"global": {"accuracy": 0.5}}}]) == ""
+    # several targets at one width: the first listed (the headline) stands for it
+    from fedhet.experiment.compare import width_accuracy
+
+    assert width_accuracy(row) == {"1": 0.5}
 
 
 def test_variant_names_with_slashes_get_one_folder():
