@@ -161,6 +161,35 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
 
 
+Split = tuple[list[str], list[str] | None, list[Any]]
+
+
+def _bundle(name: str, opts: Any, train: Split, test: Split, task: Any, class_names: tuple[str, ...], start: float) -> DatasetBundle:
+    """Encode (first texts, second texts or None, targets) train and test splits with a tokenizer
+    learnt from the training text (both sentences of a pair) into a bundle."""
+    first, second, _ = train
+    texts = first if second is None else [t for pair in zip(first, second) for t in pair]
+    encoder = make_encoder(name, opts, texts)
+    dtype = torch.float32 if task.kind == "regression" else torch.int64
+
+    def split(data: Split) -> ArrayDataset:
+        a, b, y = data
+        x = encoder.encode(a) if b is None else encoder.encode(a, b)
+        return ArrayDataset(_tensor(x), torch.tensor(y, dtype=dtype), task)
+
+    bundle = DatasetBundle(
+        name=name,
+        train=split(train),
+        test=split(test),
+        num_classes=len(class_names),
+        input_shape=(3, opts.max_length),
+        class_names=class_names,
+        model_options=model_options(encoder, "sequence"),
+    )
+    log.info("%s: %d train / %d test examples in %.1f s", name, len(train[2]), len(test[2]), time.perf_counter() - start)
+    return bundle
+
+
 @DATASETS.register("sst2")
 def sst2(
     *,
@@ -187,19 +216,7 @@ def sst2(
     files = locate_files("sst2", root, ["glue/SST-2", "SST-2", "."], ["train.tsv", "dev.tsv"])
     tr_x, tr_y = read_sst2(files["train.tsv"])
     te_x, te_y = read_sst2(files["dev.tsv"])
-    encoder = make_encoder("sst2", opts, tr_x)
-    task = Classification()
-    bundle = DatasetBundle(
-        name="sst2",
-        train=ArrayDataset(_tensor(encoder.encode(tr_x)), torch.tensor(tr_y, dtype=torch.int64), task),
-        test=ArrayDataset(_tensor(encoder.encode(te_x)), torch.tensor(te_y, dtype=torch.int64), task),
-        num_classes=2,
-        input_shape=(3, opts.max_length),
-        class_names=SST2_CLASSES,
-        model_options=model_options(encoder, "sequence"),
-    )
-    log.info("sst2: %d train / %d test examples in %.1f s", len(tr_y), len(te_y), time.perf_counter() - start)
-    return bundle
+    return _bundle("sst2", opts, (tr_x, None, tr_y), (te_x, None, te_y), Classification(), SST2_CLASSES, start)
 
 
 @DATASETS.register("mrpc")
@@ -227,21 +244,9 @@ def mrpc(
     start = time.perf_counter()
     names = ["msr_paraphrase_train.txt", "msr_paraphrase_test.txt"]
     files = locate_files("mrpc", root, ["glue/MRPC", "MRPC", "."], names)
-    tr_a, tr_b, tr_y = read_mrpc(files[names[0]])
-    te_a, te_b, te_y = read_mrpc(files[names[1]])
-    encoder = make_encoder("mrpc", opts, [t for pair in zip(tr_a, tr_b) for t in pair])
-    task = Classification(f1=True)
-    bundle = DatasetBundle(
-        name="mrpc",
-        train=ArrayDataset(_tensor(encoder.encode(tr_a, tr_b)), torch.tensor(tr_y, dtype=torch.int64), task),
-        test=ArrayDataset(_tensor(encoder.encode(te_a, te_b)), torch.tensor(te_y, dtype=torch.int64), task),
-        num_classes=2,
-        input_shape=(3, opts.max_length),
-        class_names=MRPC_CLASSES,
-        model_options=model_options(encoder, "sequence"),
-    )
-    log.info("mrpc: %d train / %d test pairs in %.1f s", len(tr_y), len(te_y), time.perf_counter() - start)
-    return bundle
+    train = read_mrpc(files[names[0]])
+    test = read_mrpc(files[names[1]])
+    return _bundle("mrpc", opts, train, test, Classification(f1=True), MRPC_CLASSES, start)
 
 
 @DATASETS.register("stsb")
@@ -268,18 +273,6 @@ def stsb(
     )
     start = time.perf_counter()
     files = locate_files("stsb", root, ["glue/STS-B", "STS-B", "stsbenchmark", "."], ["sts-train.tsv", "sts-dev.tsv"])
-    tr_a, tr_b, tr_y = read_stsb(files["sts-train.tsv"])
-    te_a, te_b, te_y = read_stsb(files["sts-dev.tsv"])
-    encoder = make_encoder("stsb", opts, [t for pair in zip(tr_a, tr_b) for t in pair])
-    task = Regression(low=STSB_LOW, high=STSB_HIGH, strata_bins=6)
-    bundle = DatasetBundle(
-        name="stsb",
-        train=ArrayDataset(_tensor(encoder.encode(tr_a, tr_b)), torch.tensor(tr_y, dtype=torch.float32), task),
-        test=ArrayDataset(_tensor(encoder.encode(te_a, te_b)), torch.tensor(te_y, dtype=torch.float32), task),
-        num_classes=1,
-        input_shape=(3, opts.max_length),
-        class_names=("score",),
-        model_options=model_options(encoder, "sequence"),
-    )
-    log.info("stsb: %d train / %d test pairs in %.1f s", len(tr_y), len(te_y), time.perf_counter() - start)
-    return bundle
+    train = read_stsb(files["sts-train.tsv"])
+    test = read_stsb(files["sts-dev.tsv"])
+    return _bundle("stsb", opts, train, test, Regression(low=STSB_LOW, high=STSB_HIGH, strata_bins=6), ("score",), start)
