@@ -65,6 +65,10 @@ class Task:
         """One non-negative integer per example to stratify splits and label-skew partitions by."""
         raise NotImplementedError
 
+    def scored(self, y: torch.Tensor) -> int:
+        """How many targets of a batch the loss averages over (examples; tokens for tagging)."""
+        return int(y.shape[0])
+
 
 # ----------------------------------------------------------------------------- classification
 
@@ -289,6 +293,9 @@ class Tagging(Task):
 
     def correct(self, output: torch.Tensor, target: torch.Tensor) -> int:
         return 0
+
+    def scored(self, y: torch.Tensor) -> int:
+        return int((y != IGNORE).sum())
 
     def strata(self, y: torch.Tensor) -> np.ndarray:
         """The entity type set of each sentence, as a bit pattern (0: no entity)."""

@@ -222,13 +222,17 @@ def evaluate(
     meter = data.task.meter()
     model.eval()
     total_loss = 0.0
+    loss_weight = 0
     n_total = 0
     for x, y in data.batches(batch_size, generator=eval_order()):
         x = x.to(device)
         y = y.to(device)
         output = model(x)
         n = int(y.shape[0])
-        total_loss += float(loss_fn(output, y)) * n
+        # the loss is a mean over the batch's scored targets (tokens for tagging): weigh it by their count
+        scored = data.task.scored(y)
+        total_loss += float(loss_fn(output, y)) * scored
+        loss_weight += scored
         if mask is not None:
             output = output.masked_fill(~mask.to(output.device), 0.0)
         meter.add(output, y)
@@ -236,4 +240,5 @@ def evaluate(
     if n_total == 0:
         return {"loss": math.nan, data.task.primary: math.nan, "score": math.nan, "examples": 0.0}
     metrics = meter.result()
-    return {"loss": total_loss / n_total, **metrics, "score": metrics[data.task.primary], "examples": float(n_total)}
+    loss = total_loss / loss_weight if loss_weight else math.nan
+    return {"loss": loss, **metrics, "score": metrics[data.task.primary], "examples": float(n_total)}

@@ -358,3 +358,23 @@ def test_train_uses_the_task_loss_by_default_tagging():
         model, ArrayDataset(x, target, task), LocalTraining(lr=1e-6, batch_size=2, max_steps=1), torch.Generator()
     )
     assert stats_.loss == pytest.approx(start, rel=1e-6)
+
+
+def test_tagging_evaluation_loss_is_the_mean_over_scored_tokens_whatever_the_batch_size():
+    from fedhet.data.base import ArrayDataset
+    from fedhet.data.tasks import IGNORE, Tagging
+    from fedhet.training.local import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.float()
+
+    task = Tagging(("O", "B-Drug", "I-Drug"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 3, generator=g)
+    y = torch.tensor([[0, 1, IGNORE, IGNORE], [2, 0, 0, 1], [0, IGNORE, IGNORE, IGNORE], [1, 2, 0, 0], [0, 0, IGNORE, 1]])
+    data = ArrayDataset(x, y, task)
+    keep = y != IGNORE
+    want = float(torch.nn.functional.cross_entropy(x[keep], y[keep]))
+    for bs in (1, 2, 5):
+        assert evaluate(Fixed(), data, batch_size=bs)["loss"] == pytest.approx(want, rel=1e-6)
