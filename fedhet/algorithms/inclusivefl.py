@@ -252,8 +252,5 @@ class InclusiveFL(FedAvg):
         """Every tier's model, deepest first (the first is a run's headline)."""
         return {f"depth_{state.depths[k]}": (state.params[k], dict(k)) for k in reversed(state.order)}
 
-    def configure_eval(self, state: InclusiveState, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
-        return self.configure(state, rnd, clients)
-
     def global_params(self, state: InclusiveState) -> Params:
         return state.params[state.order[-1]]
