@@ -38,6 +38,16 @@ COLUMNS = [
 ]
 
 
+#: metrics that are not fractions (shown as plain numbers, not percentages)
+UNBOUNDED_METRICS = ("mse",)
+
+
+def _fmt_metric(name: str, value: Any) -> str:
+    if value is not None and name in UNBOUNDED_METRICS:
+        return f"{value:.3f}"
+    return _fmt(value, "pct")
+
+
 def metric_label(rows: list[dict[str, Any]]) -> str:
     """The headline metric's name shared by the rows (``accuracy``, ``f1``, ``pearson``)."""
     names = {r.get("metric_name") or "accuracy" for r in rows}
@@ -72,7 +82,7 @@ def markdown_model_table(rows: list[dict[str, Any]]) -> str:
     header = "| variant | model | " + " | ".join(cols) + " |"
     sep = "|---|---|" + "|".join("---:" for _ in cols) + "|"
     body = [
-        "| " + " | ".join([r["variant"], model] + [_fmt(mm.get(c), "pct") for c in cols]) + " |"
+        "| " + " | ".join([r["variant"], model] + [_fmt_metric(c, mm.get(c)) for c in cols]) + " |"
         for r in rows
         for model, mm in (r.get("model_metrics") or {}).items()
     ]
@@ -85,7 +95,7 @@ def markdown_metric_table(rows: list[dict[str, Any]]) -> str:
         return ""
     header = "| variant | " + " | ".join(cols) + " |"
     sep = "|---|" + "|".join("---:" for _ in cols) + "|"
-    body = ["| " + " | ".join([r["variant"]] + [_fmt((r.get("final_metrics") or {}).get(c), "pct") for c in cols]) + " |" for r in rows]
+    body = ["| " + " | ".join([r["variant"]] + [_fmt_metric(c, (r.get("final_metrics") or {}).get(c)) for c in cols]) + " |" for r in rows]
     return "\n".join([header, sep, *body])
 
 
@@ -116,7 +126,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         for c in mcols:
             mt.add_column(c, justify="right")
         for r in rows:
-            mt.add_row(r["variant"], *[_fmt((r.get("final_metrics") or {}).get(c), "pct") for c in mcols])
+            mt.add_row(r["variant"], *[_fmt_metric(c, (r.get("final_metrics") or {}).get(c)) for c in mcols])
         console.print(mt)
     personalized = [r["variant"] for r in rows if str(r.get("metric", "")).startswith("clients/")]
     if personalized:
@@ -220,7 +230,7 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     ]
     metrics = markdown_metric_table(rows)
     if metrics:
-        text += ["Every metric (%) of each variant's headline model in the last evaluation.", "", metrics, ""]
+        text += ["Every metric of each variant's headline model in the last evaluation (%; MSE in squared target units).", "", metrics, ""]
     models = markdown_model_table(rows)
     if models:
         text += ["Every model each variant evaluated in the last evaluation (global targets on the global test set;", "client tiers: mean over the tier's clients on their own held-out splits), %.", "", models, ""]

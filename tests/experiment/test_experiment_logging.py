@@ -161,3 +161,10 @@ def test_variant_names_with_slashes_get_one_folder():
     assert run_dir_name("InclusiveFL w/o MD") == "InclusiveFL w-o MD"
     assert run_dir_name("a\\b") == "a-b"
     assert run_dir_name("..") == "variant-.."
+
+
+def test_mean_squared_error_is_not_shown_as_a_percentage():
+    from fedhet.experiment.report import markdown_metric_table
+
+    rows = [{"variant": "v", "final_metrics": {"pearson": 0.5, "mse": 2.25}}]
+    assert markdown_metric_table(rows).splitlines()[2] == "| v | 2.250 | 50.00 |"
