@@ -20,7 +20,7 @@ from fedhet.selection.base import Uniform
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.executors import Executor, SequentialExecutor
 from fedhet.simulation.loop import Run
-from fedhet.simulation.store import MemoryStore
+from fedhet.simulation.store import make_store
 from fedhet.simulation.world import ClientWorld
 from fedhet.training.local import LocalTraining
 
@@ -124,7 +124,7 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
     )
     selector = Uniform(cfg.selection.clients_per_round, cfg.selection.fraction)
     executor: Executor
-    store = MemoryStore()
+    store = make_store(cfg.runtime.store, run_dir)
     if cfg.runtime.executor == "parallel":
         from fedhet.simulation.parallel import ParallelExecutor
 

@@ -136,6 +136,8 @@ class RuntimeConfig(_Section):
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
+    #: where personal client state lives: in memory, or on disk under the run folder (thousands of clients)
+    store: Literal["memory", "disk"] = "memory"
 
     @field_validator("device")
     @classmethod

@@ -153,6 +153,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
     else:
         state = init_state(run)
         sel_state = run.selector.init(run.fleet.infos(1))
+        run.executor.store.reset()
     log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
     progress = Progress(run.rounds, start, run.name, run.progress)
     try:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class ClientStore(ABC):
@@ -17,11 +21,18 @@ class ClientStore(ABC):
     def put(self, cid: int, state: dict[str, Any]) -> None: ...
 
     @abstractmethod
-    def snapshot(self) -> dict[int, dict[str, Any]]:
-        """Everything, for a checkpoint."""
+    def snapshot(self) -> Any:
+        """What a checkpoint needs to return to this point (everything, or a manifest)."""
 
     @abstractmethod
-    def restore(self, snapshot: dict[int, dict[str, Any]]) -> None: ...
+    def restore(self, snapshot: Any) -> None: ...
+
+    def reset(self) -> None:
+        """Forget every client's state (a fresh run in a folder that may hold an older run's)."""
+        self.restore(self.snapshot_of_nothing())
+
+    def snapshot_of_nothing(self) -> Any:
+        return {}
 
 
 class MemoryStore(ClientStore):
@@ -40,5 +51,95 @@ class MemoryStore(ClientStore):
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return {cid: dict(s) for cid, s in self._data.items()}
 
-    def restore(self, snapshot: dict[int, dict[str, Any]]) -> None:
+    def restore(self, snapshot: Any) -> None:
+        if isinstance(snapshot, dict) and DISK in snapshot:
+            raise ValueError("runtime.store: the checkpoint holds a disk client store; resume with runtime.store: disk")
         self._data = {int(cid): dict(s) for cid, s in snapshot.items()}
+
+
+class DiskStore(ClientStore):
+    """Personal state on disk, one file per client: memory holds only a manifest (client -> version),
+    so thousands of registered clients cost no more memory than the few of a round.
+
+    ``put`` writes a new version atomically (a temporary file, then ``os.replace``) and drops the
+    client's previous version unless the last checkpoint refers to it. ``snapshot`` (taken with every
+    checkpoint) is the manifest; ``restore`` returns to it and deletes versions written after it, so
+    a resumed run reads exactly the states the checkpoint saw and gives the same bits as an
+    uninterrupted one.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._manifest: dict[int, int] = {}
+        self._pinned: dict[int, int] = {}  # the manifest of the last snapshot
+        self._counter = 0
+
+    def _path(self, cid: int, version: int) -> Path:
+        return self.root / f"client{cid}.v{version}.pt"
+
+    def get(self, cid: int) -> dict[str, Any]:
+        version = self._manifest.get(cid)
+        if version is None:
+            return {}
+        with open(self._path(cid, version), "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
+
+    def put(self, cid: int, state: dict[str, Any]) -> None:
+        old = self._manifest.get(cid)
+        if state:
+            self._counter += 1
+            path = self._path(cid, self._counter)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                torch.save(dict(state), f)
+            os.replace(tmp, path)
+            self._manifest[cid] = self._counter
+        else:
+            self._manifest.pop(cid, None)
+        if old is not None and self._pinned.get(cid) != old:
+            self._path(cid, old).unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._manifest)
+
+    def snapshot(self) -> dict[str, Any]:
+        for cid, version in self._pinned.items():
+            if self._manifest.get(cid) != version:  # superseded since the previous checkpoint
+                self._path(cid, version).unlink(missing_ok=True)
+        self._pinned = dict(self._manifest)
+        return {DISK: str(self.root), "manifest": dict(self._manifest), "counter": self._counter}
+
+    def snapshot_of_nothing(self) -> Any:
+        return {DISK: str(self.root), "manifest": {}, "counter": 0}
+
+    def restore(self, snapshot: Any) -> None:
+        if not (isinstance(snapshot, dict) and DISK in snapshot):
+            raise ValueError("runtime.store: the checkpoint holds an in-memory client store; resume with runtime.store: memory")
+        self._manifest = {int(c): int(v) for c, v in snapshot["manifest"].items()}
+        self._pinned = dict(self._manifest)
+        self._counter = int(snapshot["counter"])
+        keep = {self._path(c, v).name for c, v in self._manifest.items()}
+        for path in self.root.glob("client*.pt"):
+            if path.name not in keep:
+                path.unlink()
+        for path in self.root.glob("client*.tmp"):
+            path.unlink()
+        missing = [c for c, v in self._manifest.items() if not self._path(c, v).exists()]
+        if missing:
+            raise FileNotFoundError(f"client store {self.root}: the checkpoint's state of clients {missing[:5]} is missing")
+
+
+#: marks a disk store's snapshot
+DISK = "disk_store"
+
+STORES = ("memory", "disk")
+
+
+def make_store(kind: str, run_dir: str | Path) -> ClientStore:
+    """``memory`` (every client's state in this process) or ``disk`` (under ``run_dir/client_store``)."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "disk":
+        return DiskStore(Path(run_dir) / "client_store")
+    raise ValueError(f"runtime.store: got {kind!r}, allowed: {', '.join(STORES)}")
