@@ -22,6 +22,23 @@ def params_nbytes(params: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in params.values())
 
 
+def sparse_nbytes(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> int:
+    """Bytes needed to send ``params`` where only the positions in ``masks`` are kept (tensors
+    without a mask go densely): per masked tensor, the kept values plus the cheaper of a bitmap
+    (one bit a position, rounded up to whole bytes) and an int32 index per kept value."""
+    total = 0
+    for name, t in params.items():
+        mask = masks.get(name)
+        if mask is None:
+            total += t.numel() * t.element_size()
+            continue
+        if tuple(mask.shape) != tuple(t.shape):
+            raise ValueError(f"sparse_nbytes: mask of {name} has shape {tuple(mask.shape)}, the tensor {tuple(t.shape)}")
+        kept = int(mask.sum())
+        total += kept * t.element_size() + min((t.numel() + 7) // 8, 4 * kept)
+    return total
+
+
 def clone_params(params: Mapping[str, torch.Tensor]) -> Params:
     """A detached copy that shares no storage with ``params``."""
     return {k: v.detach().clone() for k, v in params.items()}
