@@ -30,7 +30,7 @@ from fedhet.algorithms.fedavg import FedAvg, ServerState, server_step
 from fedhet.core.algorithm import ServerSetup, load_params, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, Metrics, Params, config_key
 from fedhet.data.base import ArrayDataset
 from fedhet.models.layers import with_static_bn
 from fedhet.submodel.family import ModelFamily, size_config
@@ -136,7 +136,7 @@ class HeteroFL(FedAvg):
         tasks = {}
         for c in clients:
             config = self.model_config(c.size)
-            key = tuple(sorted(config.items()))
+            key = config_key(config)
             if key not in cut:
                 cut[key] = specs.spec(config, rnd).extract(state.params)
             tasks[c.id] = ClientTask(round=rnd, params=cut[key], config=config, extras={LABELS: label_mask(c, num_classes)})
@@ -162,7 +162,7 @@ class HeteroFL(FedAvg):
         """The global model, and the global model cut to every other width clients train."""
         out = {"global": (state.params, state.model_config)}
         for config in state.family.configs():
-            if tuple(sorted(config.items())) == tuple(sorted(state.model_config.items())):
+            if config_key(config) == config_key(state.model_config):
                 continue
             spec = state.family.spec(config)  # evaluation uses the prefix cut of the global model
             out[width_name(config)] = (spec.extract(state.params), config)

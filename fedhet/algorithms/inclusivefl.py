@@ -40,15 +40,11 @@ from fedhet.algorithms.depthfl import multi_exit
 from fedhet.algorithms.fedavg import FedAvg, server_step
 from fedhet.core.algorithm import ServerSetup, trainable_names
 from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
 from fedhet.submodel.architecture import DepthBlock
 from fedhet.submodel.family import ModelFamily, size_config
 
-Key = tuple[tuple[str, Any], ...]
-
-
-def config_key(config: Config) -> Key:
-    return tuple(sorted(config.items()))
+Key = ConfigKey
 
 
 @dataclass

@@ -17,6 +17,14 @@ ConfigValue: TypeAlias = bool | int | float | str | None
 Config: TypeAlias = Mapping[str, ConfigValue]
 
 
+#: A hashable form of a Config (model configs key caches, families and tiers).
+ConfigKey: TypeAlias = tuple[tuple[str, ConfigValue], ...]
+
+
+def config_key(config: Config) -> ConfigKey:
+    return tuple(sorted(config.items()))
+
+
 def params_nbytes(params: Mapping[str, torch.Tensor]) -> int:
     """Bytes needed to send ``params`` densely (what an upload or download costs)."""
     return sum(t.numel() * t.element_size() for t in params.values())

@@ -22,6 +22,7 @@ from fedhet.core.rng import numpy_rng
 from fedhet.data._checks import fail, fraction, integer
 from fedhet.data.base import ArrayDataset, Transform
 from fedhet.data.datasets import DatasetBundle
+from fedhet.data.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class FederatedDataset:
         return pooled
 
     @property
-    def task(self):  # noqa: ANN201
+    def task(self) -> Task:
         return self.test.task
 
     def label_counts(self, cid: int) -> tuple[int, ...]:

@@ -291,9 +291,6 @@ class Tagging(Task):
     def meter(self) -> Meter:
         return _TagMeter(self.tags)
 
-    def correct(self, output: torch.Tensor, target: torch.Tensor) -> int:
-        return 0
-
     def scored(self, y: torch.Tensor) -> int:
         return int((y != IGNORE).sum())
 

@@ -73,30 +73,33 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [] if names in ([], ["accuracy"]) else names
 
 
+def _markdown(labels: list[str], columns: list[str], body: list[list[str]]) -> str:
+    """A Markdown table: left-aligned label columns, then right-aligned value columns."""
+    header = "| " + " | ".join(labels + columns) + " |"
+    sep = "|" + "|".join(["---"] * len(labels) + ["---:"] * len(columns)) + "|"
+    return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in body])
+
+
 def markdown_model_table(rows: list[dict[str, Any]]) -> str:
     """One line per evaluated model of every variant (exits, tiers, widths, client tiers) with
     every metric, when some variant evaluates more than one model; else empty."""
     if not any(len(r.get("model_metrics") or {}) > 1 for r in rows):
         return ""
     cols = sorted({m for r in rows for mm in (r.get("model_metrics") or {}).values() for m in mm})
-    header = "| variant | model | " + " | ".join(cols) + " |"
-    sep = "|---|---|" + "|".join("---:" for _ in cols) + "|"
     body = [
-        "| " + " | ".join([r["variant"], model] + [_fmt_metric(c, mm.get(c)) for c in cols]) + " |"
+        [r["variant"], model] + [_fmt_metric(c, mm.get(c)) for c in cols]
         for r in rows
         for model, mm in (r.get("model_metrics") or {}).items()
     ]
-    return "\n".join([header, sep, *body])
+    return _markdown(["variant", "model"], cols, body)
 
 
 def markdown_metric_table(rows: list[dict[str, Any]]) -> str:
     cols = metric_columns(rows)
     if not cols:
         return ""
-    header = "| variant | " + " | ".join(cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
-    body = ["| " + " | ".join([r["variant"]] + [_fmt_metric(c, (r.get("final_metrics") or {}).get(c)) for c in cols]) + " |" for r in rows]
-    return "\n".join([header, sep, *body])
+    body = [[r["variant"]] + [_fmt_metric(c, (r.get("final_metrics") or {}).get(c)) for c in cols] for r in rows]
+    return _markdown(["variant"], cols, body)
 
 
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
@@ -150,9 +153,7 @@ def markdown_width_table(rows: list[dict[str, Any]]) -> str:
     cols = width_columns(rows)
     if not cols:
         return ""
-    header = "| variant | " + " | ".join(f"width {w}" for w in cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
-    return "\n".join([header, sep] + ["| " + " | ".join(r) + " |" for r in width_table_rows(rows)])
+    return _markdown(["variant"], [f"width {w}" for w in cols], width_table_rows(rows))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -21,14 +21,14 @@ from fedhet import __version__
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, trainable_names
 from fedhet.core.messages import ClientInfo
-from fedhet.core.types import Config, Params, params_nbytes
+from fedhet.core.types import Config, Params, config_key, params_nbytes
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
 from fedhet.experiment.logging import Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
 from fedhet.simulation.executors import Executor
-from fedhet.simulation.world import ClientWorld, config_key
+from fedhet.simulation.world import ClientWorld
 from fedhet.training.local import evaluate
 
 

@@ -29,9 +29,9 @@ class ClientStore(ABC):
 
     def reset(self) -> None:
         """Forget every client's state (a fresh run in a folder that may hold an older run's)."""
-        self.restore(self.snapshot_of_nothing())
+        self.restore(self._empty_snapshot())
 
-    def snapshot_of_nothing(self) -> Any:
+    def _empty_snapshot(self) -> Any:
         return {}
 
 
@@ -110,7 +110,7 @@ class DiskStore(ClientStore):
         self._pinned = dict(self._manifest)
         return {DISK: str(self.root), "manifest": dict(self._manifest), "counter": self._counter}
 
-    def snapshot_of_nothing(self) -> Any:
+    def _empty_snapshot(self) -> Any:
         return {DISK: str(self.root), "manifest": {}, "counter": 0}
 
     def restore(self, snapshot: Any) -> None:

@@ -18,16 +18,13 @@ from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
 from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
 from fedhet.models.ensemble import Ensemble
 
 SIZE_KEYS = ("width", "depth", "density")
 
-
-def config_key(config: Config) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(config.items()))
 
 
 @dataclass
@@ -37,8 +34,8 @@ class ClientWorld:
     model_options: dict[str, Any]
     seed: int
     device: str = "cpu"
-    _models: dict[tuple[tuple[str, Any], ...], nn.Module] = field(default_factory=dict, repr=False)
-    _initial: dict[tuple[tuple[str, Any], ...], Params] = field(default_factory=dict, repr=False)
+    _models: dict[ConfigKey, nn.Module] = field(default_factory=dict, repr=False)
+    _initial: dict[ConfigKey, Params] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedhet.core.messages import ModelSize
-from fedhet.core.types import Config
+from fedhet.core.types import Config, config_key
 from fedhet.submodel.architecture import CLASSES, DepthBlock, WidthAxes, depth_blocks, group_sizes, width_axes
 from fedhet.submodel.spec import Shape, SubmodelSpec, width_spec
 
@@ -25,9 +25,6 @@ def size_config(size: ModelSize | Mapping[str, Any]) -> Config:
     """The model config of a size (what ``build_model`` takes)."""
     return dict(size.as_config()) if isinstance(size, ModelSize) else dict(size)
 
-
-def _key(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(config.items()))
 
 
 @dataclass
@@ -64,14 +61,14 @@ class ModelFamily:
         except TypeError:
             blocks = []
         fam = cls(axes, blocks, gconf, _shapes(model), {})
-        fam.members[_key(gconf)] = (group_sizes(model), tuple(model.state_dict()), _shapes(model))
+        fam.members[config_key(gconf)] = (group_sizes(model), tuple(model.state_dict()), _shapes(model))
         for size in sizes:
             fam.add(build_model, size)
         return fam
 
     def add(self, build_model: Callable[[Config], nn.Module], size: ModelSize | Mapping[str, Any]) -> None:
         config = size_config(size)
-        key = _key(config)
+        key = config_key(config)
         if key in self.members:
             return
         model = build_model(config)
@@ -90,7 +87,7 @@ class ModelFamily:
     def spec(self, config: Mapping[str, Any], *, mode: str = "prefix", offset: int = 0) -> SubmodelSpec:
         """The spec of a client training the model of ``config`` (cut by width with ``mode``/``offset``,
         and to the entries that model holds)."""
-        key = _key(size_config(config))
+        key = config_key(size_config(config))
         cache_key = (key, mode, offset if mode == "rolling" else 0)
         spec = self._specs.get(cache_key)
         if spec is not None:

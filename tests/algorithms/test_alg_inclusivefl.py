@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhet.algorithms.inclusivefl import InclusiveFL, config_key
+from fedhet.algorithms.inclusivefl import InclusiveFL
 from fedhet.core.algorithm import ServerSetup, trainable_names
 from fedhet.core.messages import ClientInfo, ClientResult, ModelSize
+from fedhet.core.types import config_key
 from fedhet.experiment.build import build_run
 from fedhet.experiment.config import load_config
 from fedhet.models import build_model
