@@ -10,7 +10,7 @@ from fedhet.core.registry import ALGORITHMS
 
 A = TypeVar("A")
 
-BUILTIN = ("fedavg", "fedprox", "feddyn", "local", "heterofl", "splitmix", "fjord", "depthfl", "inclusivefl")
+BUILTIN = ("fedavg", "fedprox", "feddyn", "local", "heterofl", "splitmix", "fjord", "depthfl", "inclusivefl", "pfedmoe", "dispfl")
 
 
 def register(name: str) -> Callable[[A], A]:

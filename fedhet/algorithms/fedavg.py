@@ -29,7 +29,7 @@ from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
 from fedhet.server_opt import GradientTransformation
 from fedhet.server_opt import fedavg as sgd_preset
-from fedhet.training.local import LossTerm, train
+from fedhet.training.local import LossTerm, evaluate, train
 
 
 @dataclass
@@ -68,14 +68,20 @@ class FedAvg(Algorithm[ServerState]):
     Attributes:
         server: server optimizer applied to the pseudo-gradient θ − avg (default SGD, lr 1).
         weighting: client weights in the average: ``examples`` (n_k, as in the paper) or ``uniform``.
+        finetune: local epochs each client fine-tunes the global model on its own training data
+            before its personalized evaluation (0: evaluate the global model as it is; "FedAvg+FT").
+            Fine-tuning never changes the global model.
     """
 
     server: GradientTransformation[Any] = field(default_factory=sgd_preset)
     weighting: str = "examples"
+    finetune: int = 0
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"algorithm.weighting: got {self.weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
+        if isinstance(self.finetune, bool) or not isinstance(self.finetune, int) or self.finetune < 0:
+            raise ValueError(f"algorithm.finetune: got {self.finetune!r}, allowed: an integer >= 0 (local epochs)")
 
     # -- server -----------------------------------------------------------------------------------
     def init(self, setup: ServerSetup) -> ServerState:
@@ -127,6 +133,16 @@ class FedAvg(Algorithm[ServerState]):
         )
         self.after_local(task, ctx, model, anchor)
         return ClientResult(params=model_params(model), num_examples=len(ctx.train), metrics=stats.as_metrics())
+
+    def evaluate_client(self, task: ClientTask, ctx: ClientContext) -> Metrics:
+        """The global model on the client's test split, after ``finetune`` local epochs when set."""
+        model = ctx.build_model(task.config)
+        load_params(model, task.params)
+        if self.finetune > 0:
+            with torch.enable_grad():
+                train(model, ctx.train, replace(self.local, epochs=self.finetune), ctx.generator,
+                      rnd=task.round, device=ctx.device, transform=ctx.transform)
+        return evaluate(model, ctx.test, device=ctx.device)
 
     def loss_terms(self, task: ClientTask, ctx: ClientContext, anchor: Mapping[str, torch.Tensor]) -> list[LossTerm]:
         """Extra terms of the local objective (none for FedAvg). ``anchor``: the received θ_g."""

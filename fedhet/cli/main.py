@@ -101,6 +101,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_masks(args: argparse.Namespace) -> int:
+    from fedhet.experiment.masks import mask_analysis
+
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    try:
+        summary = mask_analysis(Path(args.run_dir), out)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        print(f"fedhet masks: {err}", file=sys.stderr)
+        return 2
+    n = len(summary["clients"])
+    print(f"{n} clients; mean pairwise mask Hamming distance {summary['mean_hamming']:.4f}")
+    print(f"Hamming vs label-distribution cosine across pairs: Pearson {summary['pearson']:.3f}, Spearman {summary['spearman']:.3f}")
+    print(f"heatmaps: {out / 'masks.png'}  matrices: {out / 'masks.json'}")
+    return 0
+
+
 def _catalog() -> dict[str, dict[str, Any]]:
     from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
     from fedhet.devices.fleet import POLICIES
@@ -205,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--title", default="fedhet report")
     rep.set_defaults(func=cmd_report)
+    m = sub.add_parser("masks", help="learned sparse masks (DisPFL) against the clients' label distributions: two heatmaps")
+    m.add_argument("run_dir")
+    m.add_argument("--out", help="output folder (default: the run folder)")
+    m.set_defaults(func=cmd_masks)
     return p
 
 

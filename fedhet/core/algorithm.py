@@ -51,6 +51,8 @@ class ServerSetup:
     sizes: Sequence[ModelSize] = ()
     #: the seeded initial parameters of a model of a given config (the same in every process)
     initial_params: Callable[[Config], Params] | None = None
+    #: the run's number of rounds (schedules that anneal over the run, e.g. DisPFL's drop fraction)
+    rounds: int = 0
 
     def initial(self, config: Config) -> Params:
         """Fresh copies of the initial parameters of a model of ``config`` (e.g. a multi-exit or
@@ -70,6 +72,9 @@ class Algorithm(Generic[S]):
     name: ClassVar[str] = ""
     #: True where clients may train sub-models of different sizes (width/depth/density)
     heterogeneous: ClassVar[bool] = False
+    #: True for peer-to-peer algorithms: every client trains every round and the server only routes
+    #: messages between neighbours (the run must select every available client)
+    decentralized: ClassVar[bool] = False
 
     local: LocalTraining = field(default_factory=LocalTraining)
 

@@ -105,6 +105,13 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
     algorithm = build_algorithm(cfg)
     tiers, policy = build_fleet_parts(cfg)
     fed = dataset if dataset is not None else load_federated(cfg)
+    sel = cfg.selection
+    if algorithm.decentralized and ((sel.clients_per_round or fed.num_clients) < fed.num_clients or (sel.fraction or 1.0) < 1.0):
+        field, value = ("clients_per_round", sel.clients_per_round) if sel.clients_per_round is not None else ("fraction", sel.fraction)
+        raise ConfigError(
+            f"selection.{field}: got {value!r}, but {cfg.algorithm.name} is decentralized (every client trains every "
+            f"round; its neighbours are set by the algorithm's topology); allowed: leave it unset"
+        )
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     world = ClientWorld(fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedhet.experiment.logging import METRICS, read_jsonl
+import numpy as np
+
+from fedhet.experiment.logging import CLIENTS, METRICS, read_jsonl
 
 
 def _fmt(value: Any, kind: str = "") -> str:
@@ -172,12 +174,13 @@ def _axes():  # noqa: ANN202
     return plt.subplots(figsize=(7, 4.2))
 
 
-def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy") -> Path:  # noqa: ANN001
-    """Label, legend (when something was drawn), save and close a figure."""
+def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy", ytext: str | None = None) -> Path:  # noqa: ANN001
+    """Label, legend (when something was drawn), save and close a figure (y axis: ``ytext``, or the
+    test ``ylabel`` in %)."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"test {ylabel} (%)")
+    ax.set_ylabel(ytext or f"test {ylabel} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_lines():
@@ -217,6 +220,44 @@ def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     return _save(fig, ax, path, f"{title}: {label} per width", "model width (fraction of the full model)", label)
 
 
+def client_values(run_dir: Path) -> tuple[str, list[float]] | None:
+    """The headline metric of every client on its own test split in the run's last client evaluation
+    (``eval_<metric>`` in ``clients.jsonl``), or None when clients were not evaluated."""
+    metrics = read_jsonl(Path(run_dir) / METRICS)
+    metric = next((r["metric"] for r in reversed(metrics) if r.get("metric")), None)
+    if metric is None:
+        return None
+    key = f"eval_{metric}"
+    rows = [r for r in read_jsonl(Path(run_dir) / CLIENTS) if r.get(key) is not None]
+    if not rows:
+        return None
+    last = max(r["round"] for r in rows)
+    return metric, [float(r[key]) for r in rows if r["round"] == last]
+
+
+def markdown_client_table(values: dict[str, tuple[str, list[float]]]) -> str:
+    """Mean, median, 10th percentile, minimum and maximum across clients, per variant."""
+    body = []
+    for name, (metric, vals) in values.items():
+        v = np.sort(np.asarray(vals, np.float64))
+        p10 = v[max(0, int(0.1 * (len(v) - 1)))]
+        scale = 1.0 if metric in ("mse", "loss") else 100.0
+        body.append([name, str(len(v))] + [f"{scale * x:.2f}" for x in (v.mean(), np.median(v), p10, v[0], v[-1])])
+    return _markdown(["variant"], ["clients", "mean", "median", "p10", "min", "max"], body)
+
+
+def plot_client_distribution(values: dict[str, tuple[str, list[float]]], path: Path, title: str) -> Path:
+    """The empirical distribution (CDF) of the clients' metric, one line per variant."""
+    fig, ax = _axes()
+    metrics = {m for m, _ in values.values()}
+    for name, (_, vals) in values.items():
+        v = np.sort(100 * np.asarray(vals, np.float64))
+        ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=name)
+    metric = metrics.pop() if len(metrics) == 1 else "score"
+    _save(fig, ax, path, f"{title}: clients on their own test splits", f"client test {metric} (%)", metric, "share of clients at or below")
+    return path
+
+
 def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
     plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
     wplot = plot_widths(rows, out_dir / "accuracy_per_width.png", title)
@@ -244,6 +285,18 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
         f"![accuracy against round]({plot.name})",
         "",
     ]
+    clients = {name: v for name, d in run_dirs.items() if (v := client_values(Path(d))) is not None}
+    if clients:
+        cplot = plot_client_distribution(clients, out_dir / "clients.png", title)
+        text += [
+            "Each client's model on its own held-out split in the last evaluation (personalized models",
+            "where the variant has them, else the global model), across clients, %.",
+            "",
+            markdown_client_table(clients),
+            "",
+            f"![clients' accuracy distribution]({cplot.name})",
+            "",
+        ]
     path = out_dir / "report.md"
     path.write_text("\n".join(text))
     return path

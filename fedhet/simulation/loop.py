@@ -82,12 +82,16 @@ def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
     }
 
 
-def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> dict[str, Any]:
-    """Global targets on the global test set; each client on its own held-out split.
+def evaluate_round(
+    run: Run, state: Any, rnd: int, infos: list[ClientInfo]
+) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
+    """Global targets on the global test set; each client on its own held-out split (for personalized
+    algorithms, its own model: the personalized evaluation).
 
     Every metric of the data's task is logged per target (``eval/<target>/<metric>``); clients are
-    summarised by the task's headline metric (``clients/<metric>_mean`` ...), whose name is the
-    row's ``metric`` entry."""
+    summarised by the task's headline metric (``clients/<metric>_mean``, ``_median``, ``_p10``,
+    ``_min``), whose name is the row's ``metric`` entry. Also returned: each client's metrics, which
+    the loop writes to ``clients.jsonl`` as ``eval_<metric>`` (the distribution across clients)."""
     primary = run.world.dataset.task.primary
     row: dict[str, Any] = {"metric": primary}
     alg = run.algorithm
@@ -100,6 +104,7 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
                 row[f"eval/{name}/{k}"] = v
         # the width each target runs at (an ensemble's is its number of bases times theirs)
         row[f"eval/{name}/width"] = float(config.get("width", 1.0)) * int(config.get("ensemble", 1))
+    per_client: dict[int, dict[str, float]] = {}
     if run.eval_clients:
         tasks = alg.configure_eval(state, rnd, infos)
         by_id = {c.id: c for c in infos}
@@ -111,6 +116,7 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
                 failed += isinstance(m, str)
                 continue
             accs.append(m[primary])
+            per_client[cid] = {f"eval_{k}": v for k, v in m.items() if k != "score"}
             for k, v in m.items():
                 if k not in ("examples", "score", "loss") and v == v:
                     per_tier[by_id[cid].tier][k].append(v)
@@ -121,7 +127,7 @@ def evaluate_round(run: Run, state: Any, rnd: int, infos: list[ClientInfo]) -> d
                 row[f"clients/tier_{tier}/{k}_mean"] = sum(vals) / len(vals)
         if failed:
             row["clients/eval_failures"] = float(failed)
-    return row
+    return row, per_client
 
 
 def init_state(run: Run) -> Any:
@@ -137,6 +143,7 @@ def init_state(run: Run) -> Any:
         build_model=run.world.build_model,
         sizes=run.fleet.sizes,
         initial_params=run.world.initial_params,
+        rounds=run.rounds,
     )
     return run.algorithm.init(setup)
 
@@ -161,7 +168,14 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             t0 = time.perf_counter()
             infos = run.fleet.infos(rnd)
             by_id = {c.id: c for c in infos}
-            selected = run.selector.select(sel_state, rnd, run.fleet.eligible(infos), run.seed)
+            eligible = run.fleet.eligible(infos)
+            selected = run.selector.select(sel_state, rnd, eligible, run.seed)
+            if alg.decentralized and len(selected) < len(eligible):
+                raise ValueError(
+                    f"selection: {alg.name} is decentralized (every available client trains every round), "
+                    f"but the selector picked {len(selected)} of {len(eligible)}; allowed: select every client "
+                    "(leave selection.clients_per_round and selection.fraction unset)"
+                )
             reporting = [cid for cid in selected if not run.fleet.dropped(cid, rnd)]
             tasks = alg.configure(state, rnd, [by_id[c] for c in selected])
             live = {cid: tasks[cid] for cid in reporting if cid in tasks}
@@ -204,7 +218,12 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             row["train_flops"] = flops
             row.update(agg_metrics)
             if rnd % run.eval_every == 0 or rnd == run.rounds:
-                row.update(evaluate_round(run, state, rnd, infos))
+                eval_row, per_client = evaluate_round(run, state, rnd, infos)
+                row.update(eval_row)
+                for crow in client_rows:
+                    crow.update(per_client.pop(crow["client"], {}))
+                # clients evaluated but not selected this round get a row of their own
+                client_rows.extend({"round": rnd, "client": cid, "tier": by_id[cid].tier, **m} for cid, m in sorted(per_client.items()))
             row["seconds"] = time.perf_counter() - t0
             for err in outcome.failures.values():
                 print(f"warning: client left out of the round: {err}", flush=True, file=__import__("sys").stderr)

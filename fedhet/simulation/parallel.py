@@ -186,6 +186,9 @@ class _Recorder(ClientStore):
     def put(self, cid: int, state: dict[str, Any] | None) -> None:
         self.saved[cid] = dict(state or {})
 
+    def clients(self) -> list[int]:
+        return sorted(self.saved)
+
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return dict(self.saved)
 

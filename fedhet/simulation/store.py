@@ -21,6 +21,10 @@ class ClientStore(ABC):
     def put(self, cid: int, state: dict[str, Any]) -> None: ...
 
     @abstractmethod
+    def clients(self) -> list[int]:
+        """The clients that hold state, in id order."""
+
+    @abstractmethod
     def snapshot(self) -> Any:
         """What a checkpoint needs to return to this point (everything, or a manifest)."""
 
@@ -47,6 +51,9 @@ class MemoryStore(ClientStore):
             self._data[cid] = dict(state)
         else:
             self._data.pop(cid, None)
+
+    def clients(self) -> list[int]:
+        return sorted(self._data)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return {cid: dict(s) for cid, s in self._data.items()}
@@ -102,6 +109,9 @@ class DiskStore(ClientStore):
 
     def __len__(self) -> int:
         return len(self._manifest)
+
+    def clients(self) -> list[int]:
+        return sorted(self._manifest)
 
     def snapshot(self) -> dict[str, Any]:
         for cid, version in self._pinned.items():

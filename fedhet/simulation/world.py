@@ -22,6 +22,7 @@ from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
 from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
 from fedhet.models.ensemble import Ensemble
+from fedhet.models.moe import MixtureOfExperts
 
 SIZE_KEYS = ("width", "depth", "density")
 
@@ -48,29 +49,56 @@ class ClientWorld:
 
     def _new_model(self, config: Config) -> nn.Module:
         """A model of ``config``: its size (``width``, ``depth``, ``density``); ``ensemble: n`` builds
-        ``n`` independent bases of that size (``fedhet.models.ensemble``); any other key overrides the
-        run's model option of that name (e.g. ``exits="all"`` for a server-side multi-exit model)."""
+        ``n`` independent bases of that size (``fedhet.models.ensemble``); ``moe_features: d`` (with
+        ``moe_shared_width`` and ``moe_gate_hidden``) builds pFedMoE's mixture of a shared expert of
+        width ``moe_shared_width`` and a local expert of the config's size (``fedhet.models.moe``);
+        any other key overrides the run's model option of that name (e.g. ``exits="all"`` for a
+        server-side multi-exit model)."""
         size = ModelSize(width=float(config.get("width", 1.0)), depth=config.get("depth"), density=float(config.get("density", 1.0)))  # type: ignore[arg-type]
         options = {**self.dataset.model_options, **self.model_options}
-        options.update({k: v for k, v in config.items() if k not in SIZE_KEYS and k != "ensemble"})
+        # pFedMoE's keys describe the mixture, never an option of the experts' architecture
+        moe_keys = ("moe_features", "moe_shared_width", "moe_gate_hidden")
+        options.update({k: v for k, v in config.items() if k not in SIZE_KEYS and k != "ensemble" and k not in moe_keys})
 
-        def one() -> nn.Module:
+        def one(at: ModelSize, num_classes: int) -> nn.Module:
             return build_model(
                 self.model,
                 input_shape=self.dataset.input_shape,
-                num_classes=self.dataset.num_classes,
-                size=size,
+                num_classes=num_classes,
+                size=at,
                 **options,
             )
 
         with rng.seeded(self.seed, "model_init"):
             n = config.get("ensemble")
-            if n is None:
-                model = one()
+            model: nn.Module
+            if any(k in config for k in moe_keys):
+                features = config.get("moe_features")
+                shared_width = config.get("moe_shared_width", 1.0)
+                gate_hidden = config.get("moe_gate_hidden", 64)
+                if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+                    raise ValueError(f"model config moe_features: got {features!r}, allowed: an integer >= 1")
+                if isinstance(gate_hidden, bool) or not isinstance(gate_hidden, int) or gate_hidden < 1:
+                    raise ValueError(f"model config moe_gate_hidden: got {gate_hidden!r}, allowed: an integer >= 1")
+                if isinstance(shared_width, bool) or not isinstance(shared_width, (int, float)) or not 0.0 < shared_width <= 1.0:
+                    raise ValueError(f"model config moe_shared_width: got {shared_width!r}, allowed: a number with 0 < width <= 1")
+                if n is not None:
+                    raise ValueError(f"model config: ensemble ({n!r}) and moe_features cannot be combined; allowed: one of them")
+                # the shared expert is built first, so its initial values are the same in every config
+                model = MixtureOfExperts(
+                    shared=one(ModelSize(width=float(shared_width)), features),
+                    local=one(size, features),
+                    input_shape=self.dataset.input_shape,
+                    features=features,
+                    num_classes=self.dataset.num_classes,
+                    gate_hidden=gate_hidden,
+                )
+            elif n is None:
+                model = one(size, self.dataset.num_classes)
             else:
                 if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                     raise ValueError(f"model config ensemble: got {n!r}, allowed: an integer >= 1")
-                model = Ensemble([one() for _ in range(n)])
+                model = Ensemble([one(size, self.dataset.num_classes) for _ in range(n)])
         return model.to(self.torch_device)
 
     def build_model(self, config: Config) -> nn.Module:

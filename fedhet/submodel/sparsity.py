@@ -108,3 +108,85 @@ def prune_and_regrow(
             new[grow] = True
         out[name] = new.reshape(masks[name].shape)
     return out
+
+
+#: suffix of a masked tensor's bitmap in a packed message (``<name>#bits``)
+BITS = "#bits"
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as a bitmap: one bit a position (row-major, most significant bit first),
+    ``ceil(n/8)`` uint8 values."""
+    flat = mask.reshape(-1).to(torch.uint8).cpu()
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)
+    return (flat * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def count_bits(bits: torch.Tensor) -> int:
+    """Number of set bits in a uint8 bitmap (the kept positions of a packed mask)."""
+    if bits.dtype != torch.uint8:
+        raise ValueError(f"bitmap: got dtype {bits.dtype}, expected torch.uint8")
+    return int(_POPCOUNT[bits.reshape(-1).long()].sum())
+
+
+def unpack_bits(bits: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_bits` encoded (ValueError on a length mismatch)."""
+    n = math.prod(shape)
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
+        raise ValueError(f"bitmap: got {bits.numel()} {bits.dtype} values, expected {(n + 7) // 8} uint8 for shape {tuple(shape)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
+    return flat.to(torch.bool).reshape(shape)
+
+
+def pack_sparse(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The message that carries ``params`` with only the positions in ``masks`` kept: per masked
+    tensor its kept values (1-D, row-major) under its name and its bitmap under ``name#bits``;
+    tensors without a mask go whole. Its dense size (``params_nbytes``) is what it costs on a link."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in params.items():
+        mask = masks.get(name)
+        if mask is None:
+            out[name] = t.detach().cpu()
+            continue
+        if tuple(mask.shape) != tuple(t.shape):
+            raise ValueError(f"pack_sparse: mask of {name} has shape {tuple(mask.shape)}, the tensor {tuple(t.shape)}")
+        m = mask.to(torch.bool).cpu()
+        out[name] = t.detach().cpu()[m].reshape(-1)
+        out[name + BITS] = pack_bits(m)
+    return out
+
+
+def unpack_sparse(
+    message: Mapping[str, torch.Tensor], shapes: Mapping[str, Shape]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Dense tensors (zeros where not kept) and masks from a :func:`pack_sparse` message, given
+    every tensor's shape; ``masks`` has the masked tensors only. ValueError when the message does
+    not fit ``shapes`` (missing or extra names, wrong lengths)."""
+    names = {k for k in message if not k.endswith(BITS)}
+    if names != set(shapes):
+        missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
+        raise ValueError(f"sparse message: missing {missing[:3]}, extra {extra[:3]}")
+    dense: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        values = message[name]
+        bits = message.get(name + BITS)
+        if bits is None:
+            if tuple(values.shape) != tuple(shape):
+                raise ValueError(f"sparse message: {name} has shape {tuple(values.shape)}, expected {tuple(shape)}")
+            dense[name] = values
+            continue
+        mask = unpack_bits(bits, tuple(shape))
+        if values.dim() != 1 or values.numel() != int(mask.sum()):
+            raise ValueError(f"sparse message: {name} carries {values.numel()} values for {int(mask.sum())} kept positions")
+        full = torch.zeros(tuple(shape), dtype=values.dtype)
+        full[mask] = values
+        dense[name] = full
+        masks[name] = mask
+    return dense, masks

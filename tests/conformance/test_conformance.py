@@ -24,6 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: algorithms whose tiers must differ in depth rather than width run on two depth tiers
 DEPTH_TIERS = {"inclusivefl"}
+#: settings an algorithm needs on the suite's four clients (DisPFL: at most 3 random neighbours,
+#: tiers that differ in density)
+EXTRA = {"dispfl": ["algorithm.neighbours=2", "devices.tiers=[{name: a, density: 0.5}, {name: b, density: 0.25}]"]}
 
 
 def _overrides(name, seed, rounds=2):
@@ -41,6 +44,7 @@ def _overrides(name, seed, rounds=2):
         "local.batch_size=32",
         "local.max_steps=2",
         "logging.progress=off",
+        *EXTRA.get(name, []),
     ]
 
 

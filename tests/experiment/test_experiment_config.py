@@ -60,9 +60,9 @@ def test_misspelt_nested_key():
 def test_unknown_algorithm_field():
     assert (
         _error(["algorithm.name=fedprox", "algorithm.muu=0.1"])
-        == "algorithm.muu: unknown field for algorithm 'fedprox'; allowed: weighting, mu"
+        == "algorithm.muu: unknown field for algorithm 'fedprox'; allowed: weighting, finetune, mu"
     )
-    assert _error(["algorithm.mu=0.1"]) == "algorithm.mu: unknown field for algorithm 'fedavg'; allowed: weighting"
+    assert _error(["algorithm.mu=0.1"]) == "algorithm.mu: unknown field for algorithm 'fedavg'; allowed: weighting, finetune"
     # `local` and `server` are dataclass fields but are set through their own sections
     assert _error(["algorithm.name=fedprox", "algorithm.local=1"]).startswith(
         "algorithm.local: unknown field for algorithm 'fedprox'"

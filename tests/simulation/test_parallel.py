@@ -103,6 +103,8 @@ def test_parallel_matches_sequential_bit_for_bit(tmp_path: Path, algorithm: str)
     extra = (
         ("model.options={hidden: [16, 16, 16]}", "devices.tiers=[{name: a, depth: 3}, {name: b, depth: 2}, {name: c, depth: 2}]")
         if algorithm == "inclusivefl"
+        else ("algorithm.neighbours=3", "devices.tiers=[{name: a, density: 0.5}, {name: b, density: 0.3}]")
+        if algorithm == "dispfl"
         else ()
     )
     seq_run = make_run(tmp_path, "sequential", algorithm, *extra)

@@ -77,3 +77,35 @@ def test_mask_count_average_through_coverage_sum():
     for m, w in zip(masks, weights):
         acc.add_spec(mask_spec(shapes, {"w": m}), w, 1.0)
     assert acc.mean({"w": torch.zeros(4)})["w"].tolist() == [4.0, 4.0, 8.0, 0.0]
+
+
+def test_pack_bits_by_hand_and_back():
+    from fedhet.submodel.sparsity import count_bits, pack_bits, unpack_bits
+
+    mask = torch.tensor([True, False, True, True, False, False, False, False, True])
+    bits = pack_bits(mask)
+    assert bits.tolist() == [0b10110000, 0b10000000]  # row-major, most significant bit first
+    assert count_bits(bits) == 4
+    assert torch.equal(unpack_bits(bits, (9,)), mask)
+    assert torch.equal(unpack_bits(pack_bits(mask.reshape(3, 3)), (3, 3)), mask.reshape(3, 3))
+    with pytest.raises(ValueError, match="expected 2 uint8 for shape"):
+        unpack_bits(bits[:1], (9,))
+
+
+def test_a_sparse_message_carries_kept_values_and_a_bitmap_and_costs_what_sparse_nbytes_says():
+    from fedhet.core.types import params_nbytes, sparse_nbytes
+    from fedhet.submodel.sparsity import pack_sparse, unpack_sparse
+
+    w = torch.tensor([[1.0, -2.0, 3.0], [4.0, 5.0, -6.0]])
+    m = torch.tensor([[True, False, False], [False, True, True]])
+    bias = torch.tensor([0.5, 0.25])
+    msg = pack_sparse({"w": w, "b": bias}, {"w": m})
+    assert msg["w"].tolist() == [1.0, 5.0, -6.0] and msg["b"] is not None and torch.equal(msg["b"], bias)
+    # 3 float32 values + 1 bitmap byte for the 6 positions + the dense 2-value bias
+    assert params_nbytes(msg) == 3 * 4 + 1 + 2 * 4 == sparse_nbytes({"w": w, "b": bias}, {"w": m})
+    dense, masks = unpack_sparse(msg, {"w": (2, 3), "b": (2,)})
+    assert torch.equal(dense["w"], w * m) and torch.equal(masks["w"], m) and set(masks) == {"w"}
+    with pytest.raises(ValueError, match="missing"):
+        unpack_sparse(msg, {"w": (2, 3), "b": (2,), "c": (1,)})
+    with pytest.raises(ValueError, match="carries 2 values for 3 kept"):
+        unpack_sparse({**msg, "w": msg["w"][:2]}, {"w": (2, 3), "b": (2,)})
