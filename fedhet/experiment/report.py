@@ -191,7 +191,9 @@ def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy"
     return path
 
 
-def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
+def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, clients: bool = False) -> Path | None:
+    """The headline metric against round, one line per variant; with ``clients``, the mean over
+    clients of each client's model on its own test split instead (None when no run has it)."""
     from fedhet.experiment.compare import headline_metric
 
     fig, ax = _axes()
@@ -199,10 +201,22 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str) -> Path:
     for name, d in run_dirs.items():
         rows = read_jsonl(Path(d) / METRICS)
         metrics |= {r["metric"] for r in rows if r.get("metric")}
-        pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
+        if clients:
+            pts = [(r["round"], r.get(f"clients/{r.get('metric')}_mean")) for r in rows]
+            pts = [(x, y) for x, y in pts if y is not None]
+        else:
+            pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
-    return _save(fig, ax, path, title, "round", metrics.pop() if len(metrics) == 1 else "score")
+    if clients and not ax.get_lines():
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return None
+    metric = metrics.pop() if len(metrics) == 1 else "score"
+    if clients:
+        return _save(fig, ax, path, f"{title}: mean over clients, own test splits", "round", metric, f"client mean test {metric} (%)")
+    return _save(fig, ax, path, title, "round", metric)
 
 
 def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -288,6 +302,7 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     clients = {name: v for name, d in run_dirs.items() if (v := client_values(Path(d))) is not None}
     if clients:
         cplot = plot_client_distribution(clients, out_dir / "clients.png", title)
+        curve = plot_curves(run_dirs, out_dir / "clients_accuracy.png", title, clients=True)
         text += [
             "Each client's model on its own held-out split in the last evaluation (personalized models",
             "where the variant has them, else the global model), across clients, %.",
@@ -297,6 +312,8 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
             f"![clients' accuracy distribution]({cplot.name})",
             "",
         ]
+        if curve is not None:
+            text += [f"![mean client accuracy against round]({curve.name})", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(text))
     return path

@@ -66,6 +66,7 @@ def test_every_client_is_evaluated_and_logged_with_the_distribution_in_the_repor
     rows_out = report_from_dirs([tmp_path / "FedAvg+FT"], tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| FedAvg+FT | 6 |" in text and (tmp_path / "report" / "clients.png").exists()
+    assert (tmp_path / "report" / "clients_accuracy.png").exists() and "clients_accuracy.png" in text
     assert rows_out[0]["variant"] == "FedAvg+FT"
 
 
