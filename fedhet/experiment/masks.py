@@ -1,7 +1,8 @@
 """Do learned sparse masks follow the clients' data? (DisPFL's mask analysis.)
 
 From a finished run with personalized masks in its client store, :func:`mask_analysis` computes, for
-every pair of clients, the normalised Hamming distance between their masks and the cosine similarity
+every pair of clients, the normalised Hamming distance between their masks (over the positions of
+the tensors some client keeps sparse) and the cosine similarity
 of their training label distributions, draws the two as heatmaps side by side (clients ordered by
 their most frequent label, so that clients with similar data sit together) and reports how the two
 relate across pairs (Pearson and Spearman correlation of the off-diagonal entries: negative means
@@ -81,11 +82,16 @@ def mask_analysis(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     order = sorted(range(len(ids)), key=lambda i: (int(share[i].argmax()), -float(share[i].max())))
     ids = [ids[i] for i in order]
     labels = labels[order]
-    ham = hamming_matrix([masks[c] for c in ids])
+    # tensors every client keeps whole (ERK makes small ones dense) are the same everywhere: left out
+    sparse = sorted(n for n in masks[ids[0]] if any(not bool(masks[c][n].all()) for c in ids))
+    if not sparse:
+        raise ValueError(f"{run_dir}: every client's mask is dense; there is nothing to compare")
+    ham = hamming_matrix([{n: masks[c][n] for n in sparse} for c in ids])
     cos = cosine_matrix(labels)
     iu = np.triu_indices(len(ids), k=1)
     summary = {
         "clients": ids,
+        "tensors": sparse,
         "hamming": ham.round(5).tolist(),
         "label_cosine": cos.round(5).tolist(),
         "pearson": pearson(ham[iu], cos[iu]) if len(iu[0]) > 1 else float("nan"),
@@ -104,11 +110,14 @@ def _plot(ham: np.ndarray, cos: np.ndarray, ids: list[int], path: Path, summary:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    # the diagonal (0 distance, cosine 1) is left blank so the colours span the pairs' range
+    off = ~np.eye(len(ids), dtype=bool)
     for ax, mat, title, cmap in (
         (axes[0], ham, "mask Hamming distance", "viridis"),
         (axes[1], cos, "label-distribution cosine similarity", "magma"),
     ):
-        im = ax.imshow(mat, cmap=cmap)
+        shown = np.where(off, mat, np.nan)
+        im = ax.imshow(shown, cmap=cmap, vmin=float(mat[off].min()), vmax=float(mat[off].max()))
         ax.set_title(title)
         ticks = range(len(ids))
         ax.set_xticks(list(ticks), [str(c) for c in ids], fontsize=6, rotation=90)

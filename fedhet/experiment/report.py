@@ -181,7 +181,7 @@ def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy"
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ytext or f"test {ylabel} (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=12 if len(title) <= 60 else 9)
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend(fontsize=8)
