@@ -22,7 +22,7 @@ densities at the density of the client's tier. In every round every client (Algo
 Algorithm 2) or ``aggregate`` (largest |w̄| of this round's neighbour aggregate: regrow where the
 neighbours have learnt something). ``mask_update: aggregation`` moves the mask update from after
 local training into aggregation: keep the local top-k of the client's own weights, regrow from the
-aggregate, then train. The two variants studied in the seed notes are
+aggregate, then train. Two proposed refinements of DisPFL's mask search, named My-1 and My-2, are
 ``regrow: aggregate`` (My-1) and ``regrow: aggregate, mask_update: aggregation`` (My-2).
 
 The server only routes messages: its state is each client's last published message (a client that
