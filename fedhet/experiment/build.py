@@ -110,7 +110,8 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
         field, value = ("clients_per_round", sel.clients_per_round) if sel.clients_per_round is not None else ("fraction", sel.fraction)
         raise ConfigError(
             f"selection.{field}: got {value!r}, but {cfg.algorithm.name} is decentralized (every client trains every "
-            f"round; its neighbours are set by the algorithm's topology); allowed: leave it unset"
+            f"round; its neighbours are set by the algorithm's topology); allowed: unset, fraction 1.0, or "
+            f"clients_per_round >= {fed.num_clients}"
         )
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
