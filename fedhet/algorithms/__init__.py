@@ -10,7 +10,7 @@ from fedhet.core.registry import ALGORITHMS
 
 A = TypeVar("A")
 
-BUILTIN = ("fedavg", "fedprox", "feddyn", "local", "heterofl", "splitmix", "fjord", "depthfl", "inclusivefl", "pfedmoe", "dispfl")
+BUILTIN = ("fedavg", "fedprox", "feddyn", "local", "heterofl", "splitmix", "fjord", "depthfl", "inclusivefl", "pfedmoe", "dispfl", "qffl", "ifca", "cfl")
 
 
 def register(name: str) -> Callable[[A], A]:

@@ -22,7 +22,7 @@ from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
 from fedhet.data.base import ArrayDataset
-from fedhet.training.local import LocalTraining, evaluate
+from fedhet.training.local import LocalTraining, evaluate, probe_model
 
 S = TypeVar("S")
 
@@ -118,6 +118,20 @@ class Algorithm(Generic[S]):
         model = ctx.build_model(task.config)
         load_params(model, task.params)
         return evaluate(model, ctx.test, device=ctx.device)
+
+    def probe(self, task: ClientTask, ctx: ClientContext, what: str, batch: int | None = None) -> torch.Tensor:
+        """What a selector may ask a candidate before the round (``what``: ``loss`` or ``grad`` of the
+        model the task would give it, on its training data or a ``batch`` of it; see
+        :func:`fedhet.training.local.probe_model`). Default: the task's model as sent."""
+        model = ctx.build_model(task.config)
+        load_params(model, task.params)
+        return probe_model(model, ctx.train, what, batch=batch, generator=ctx.generator, device=ctx.device)
+
+    def upload_reference(self, task: ClientTask) -> Params:
+        """What the server already has of the upload's entries, by name: a quantized upload
+        (``communication.levels``) sends ``Q(value − reference)`` for these and ``Q(value)`` for the
+        rest. Default: the task's parameters (clients upload trained models)."""
+        return task.params
 
     def validate_result(self, task: ClientTask, result: ClientResult) -> None:
         """Raise ``ClientError`` when a result does not match its task (default: same names and shapes

@@ -10,6 +10,7 @@ same arguments give the same clients.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +38,23 @@ class FederatedDataset:
     input_shape: tuple[int, ...]
     train_transform: Transform | None
     model_options: Mapping[str, Any] = field(default_factory=dict)
+    #: each client's true group (0: as loaded; 1: images rotated, see ``federate``'s
+    #: ``rotate_fraction``); empty means every client is in group 0
+    client_groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.clients_train) != len(self.clients_test):
             raise ValueError(
                 f"FederatedDataset: {len(self.clients_train)} client train splits but "
                 f"{len(self.clients_test)} client test splits"
+            )
+        if not self.client_groups:
+            object.__setattr__(self, "client_groups", (0,) * len(self.clients_train))
+        else:
+            object.__setattr__(self, "client_groups", tuple(int(g) for g in self.client_groups))
+        if len(self.client_groups) != len(self.clients_train):
+            raise ValueError(
+                f"FederatedDataset: {len(self.client_groups)} client groups for {len(self.clients_train)} clients"
             )
 
     @property
@@ -129,6 +141,8 @@ def federate(
     client_test_fraction: float = 0.2,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    rotate_fraction: float = 0.0,
+    rotate_degrees: int = 180,
     **partitioner_options: Any,
 ) -> FederatedDataset:
     """Split ``bundle.train`` over ``num_clients`` clients.
@@ -141,6 +155,12 @@ def federate(
        empty held-out splits that keep the example shape.
     4. ``test_subset``: evaluate global models on that many test examples, a split stratified by
        label (key ``"test_subset"``), to make frequent evaluation affordable.
+    5. ``rotate_fraction``: ``⌈rotate_fraction · num_clients⌉`` clients drawn at random (key
+       ``"rotate"``) get their training and held-out images rotated by ``rotate_degrees`` (90, 180
+       or 270, counter-clockwise, ``torch.rot90`` over the last two dimensions): the rotated
+       clusters of IFCA and CFL. Images only (examples shaped (C, H, W); 90 and 270 need H = W).
+       The global test set is left as it is. ``client_groups`` records who was rotated (1) and who
+       was not (0).
 
     "Label" means the task's strata (:meth:`fedhet.data.tasks.Task.strata`): the class for
     classification, a score bin for regression, the entity-type set of a sentence for tagging. The
@@ -149,6 +169,7 @@ def federate(
     n_total = len(bundle.train)
     num_clients = integer("num_clients", num_clients, minimum=1)
     client_test_fraction = fraction("client_test_fraction", client_test_fraction, allow_zero=True)
+    rotate_fraction, quarter_turns = _rotation(bundle, rotate_fraction, rotate_degrees)
     if partitioner not in PARTITIONERS:
         raise fail("partitioner", partitioner, ", ".join(PARTITIONERS.names()))
 
@@ -177,6 +198,14 @@ def federate(
         kept, held_out = stratified_split(labels[members], client_test_fraction, numpy_rng(seed, "client_split", cid))
         clients_train.append(bundle.train.subset(_index(members[kept])))
         clients_test.append(bundle.train.subset(_index(members[held_out])))
+    groups = [0] * num_clients
+    if rotate_fraction > 0:
+        # the tiny slack keeps e.g. 0.3 * 10 (3.0000000000000004) at 3
+        rotated = numpy_rng(seed, "rotate").choice(num_clients, size=math.ceil(rotate_fraction * num_clients - 1e-9), replace=False)
+        for cid in sorted(int(c) for c in rotated):
+            groups[cid] = 1
+            clients_train[cid] = rotate_images(clients_train[cid], quarter_turns)
+            clients_test[cid] = rotate_images(clients_test[cid], quarter_turns)
     test = bundle.test
     if test_subset is not None:
         test_subset = integer("test_subset", test_subset, minimum=1, maximum=len(test))
@@ -192,7 +221,36 @@ def federate(
         input_shape=tuple(bundle.input_shape),
         train_transform=bundle.train_transform,
         model_options=dict(bundle.model_options),
+        client_groups=tuple(groups),
     )
+
+
+#: the rotations ``federate`` allows, in degrees
+ROTATIONS = (90, 180, 270)
+
+
+def rotate_images(data: ArrayDataset, quarter_turns: int) -> ArrayDataset:
+    """``data`` with every image turned ``quarter_turns`` times 90° counter-clockwise (last two dims)."""
+    return ArrayDataset(torch.rot90(data.x, k=quarter_turns, dims=(-2, -1)).contiguous(), data.y, data.task)
+
+
+def _rotation(bundle: DatasetBundle, rotate_fraction: Any, rotate_degrees: Any) -> tuple[float, int]:
+    """Checked ``rotate_fraction`` (0 <= f <= 1) and ``rotate_degrees`` as quarter turns."""
+    if isinstance(rotate_fraction, bool) or not isinstance(rotate_fraction, numbers.Real) or not 0.0 <= float(rotate_fraction) <= 1.0:
+        raise fail("rotate_fraction", rotate_fraction, "0 <= value <= 1")
+    if isinstance(rotate_degrees, bool) or not isinstance(rotate_degrees, numbers.Integral) or int(rotate_degrees) not in ROTATIONS:
+        raise fail("rotate_degrees", rotate_degrees, ", ".join(str(r) for r in ROTATIONS))
+    shape = tuple(bundle.input_shape)
+    if rotate_fraction > 0:
+        if len(shape) != 3 or bundle.train.x.dim() != 4:
+            raise fail(
+                "rotate_fraction",
+                rotate_fraction,
+                f"0 for dataset {bundle.name!r}: rotation needs images, examples shaped (C, H, W), and its examples have shape {shape}",
+            )
+        if rotate_degrees != 180 and shape[1] != shape[2]:
+            raise fail("rotate_degrees", rotate_degrees, f"180 for dataset {bundle.name!r}: its images are {shape[1]}x{shape[2]}, not square")
+    return float(rotate_fraction), int(rotate_degrees) // 90
 
 
 def _check_parts(parts: list[np.ndarray], num_clients: int, n: int, partitioner: str) -> None:

@@ -71,12 +71,16 @@ class Fleet:
             out.append(ClientInfo(cid, self.num_train[cid], self.num_test[cid], tier.name, size, self.label_counts[cid]))
         return out
 
-    def eligible(self, infos: Sequence[ClientInfo]) -> list[ClientInfo]:
-        """Clients that may be selected for training (``drop_weak`` leaves out all but the largest tier)."""
+    def eligible(self, infos: Sequence[ClientInfo], rnd: int | None = None) -> list[ClientInfo]:
+        """Clients that may be selected for training in round ``rnd``: online ones (see
+        ``Availability.unavailable``), and with ``drop_weak`` only those of the largest tier."""
+        out = list(infos)
+        if rnd is not None:
+            out = [c for c in out if not self.availability.offline(c.id, rnd, self.seed)]
         if self.policy != "drop_weak":
-            return list(infos)
+            return out
         top = largest(self.tiers).name
-        return [c for c in infos if c.tier == top]
+        return [c for c in out if c.tier == top]
 
     def dropped(self, cid: int, rnd: int) -> bool:
         return self.availability.dropped(cid, rnd, self.seed)

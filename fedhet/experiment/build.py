@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -16,7 +17,9 @@ from fedhet.core.registry import ALGORITHMS
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
 from fedhet.experiment.config import ConfigError, ExperimentConfig
-from fedhet.selection.base import Uniform
+from fedhet.selection.base import ClientSelector, Uniform
+from fedhet.selection.divfl import DivFL
+from fedhet.selection.poc import PowerOfChoice
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.executors import Executor, SequentialExecutor
 from fedhet.simulation.loop import Run
@@ -61,6 +64,26 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
         raise _error(err) from None
 
 
+def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
+    """The configured selector; an option that the chosen selector does not use is refused."""
+    sel = cfg.selection
+    used = {"uniform": set(), "pow-d": {"candidates"}, "cpow-d": {"candidates", "batch"}, "rpow-d": {"candidates"}, "divfl": {"refresh_every"}}[sel.name]
+    for key in ("candidates", "batch", "refresh_every"):
+        if getattr(sel, key) is not None and key not in used:
+            raise ConfigError(f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset")
+    if sel.name == "uniform":
+        return Uniform(sel.clients_per_round, sel.fraction)
+    if sel.clients_per_round is None and sel.fraction is None:
+        raise ConfigError(f"selection.clients_per_round: missing, allowed: an integer >= 1 (or selection.fraction) for selection {sel.name!r}")
+    m = sel.clients_per_round or max(1, math.ceil(sel.fraction * num_clients - 1e-9))  # type: ignore[operator]
+    try:
+        if sel.name == "divfl":
+            return DivFL(clients_per_round=m, refresh_every=sel.refresh_every or 0)
+        return PowerOfChoice(variant=sel.name, clients_per_round=m, candidates=sel.candidates or min(2 * m, num_clients), batch=sel.batch or 64)
+    except ValueError as err:
+        raise _error(err) from None
+
+
 def build_fleet_parts(cfg: ExperimentConfig) -> tuple[list[Any], str]:
     try:
         tiers = parse_tiers(cfg.devices.tiers)
@@ -95,6 +118,8 @@ def load_federated(cfg: ExperimentConfig) -> Any:
             client_test_fraction=cfg.data.client_test_fraction,
             train_subset=cfg.data.train_subset,
             test_subset=cfg.data.test_subset,
+            rotate_fraction=cfg.data.rotate_fraction,
+            rotate_degrees=cfg.data.rotate_degrees,
             **cfg.data.partitioner_options(),
         )
     except (ValueError, TypeError) as err:
@@ -106,6 +131,8 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
     tiers, policy = build_fleet_parts(cfg)
     fed = dataset if dataset is not None else load_federated(cfg)
     sel = cfg.selection
+    if algorithm.decentralized and sel.name != "uniform":
+        raise ConfigError(f"selection.name: got {sel.name!r}, but {cfg.algorithm.name} is decentralized (every client trains every round); allowed: uniform")
     if algorithm.decentralized and ((sel.clients_per_round or fed.num_clients) < fed.num_clients or (sel.fraction or 1.0) < 1.0):
         field, value = ("clients_per_round", sel.clients_per_round) if sel.clients_per_round is not None else ("fraction", sel.fraction)
         raise ConfigError(
@@ -115,7 +142,9 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
         )
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
-    world = ClientWorld(fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device))
+    world = ClientWorld(
+        fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device), upload_levels=cfg.communication.levels
+    )
     try:  # a misspelt model option fails here, before any training
         world.build_model(ModelSize().as_config())
     except (TypeError, ValueError) as err:
@@ -128,9 +157,9 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
         label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
         num_train=tuple(len(d) for d in fed.clients_train),
         num_test=tuple(len(d) for d in fed.clients_test),
-        availability=Availability(cfg.devices.dropout),
+        availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
     )
-    selector = Uniform(cfg.selection.clients_per_round, cfg.selection.fraction)
+    selector = build_selector(cfg, fed.num_clients)
     executor: Executor
     store = make_store(cfg.runtime.store, run_dir)
     if cfg.runtime.executor == "parallel":

@@ -37,6 +37,9 @@ class DataConfig(_Section):
     client_test_fraction: float = Field(0.2, ge=0, lt=1)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
+    #: share of clients whose images are rotated by rotate_degrees (rotated-data clusters; images only)
+    rotate_fraction: float = Field(0.0, ge=0, le=1)
+    rotate_degrees: Literal[90, 180, 270] = 180
 
     @field_validator("dataset")
     @classmethod
@@ -79,6 +82,8 @@ class DevicesConfig(_Section):
     assignment: Literal["fixed", "dynamic"] = "fixed"
     policy: Literal["auto", "tiered", "all_large", "all_small", "drop_weak"] = "auto"
     dropout: float = Field(0.0, ge=0, lt=1)
+    #: probability that a client is offline (cannot be selected) in a round
+    unavailable: float = Field(0.0, ge=0, lt=1)
 
 
 class LocalConfig(_Section):
@@ -118,8 +123,16 @@ class AlgorithmConfig(_Section):
 
 
 class SelectionConfig(_Section):
+    #: uniform, Power-of-Choice (pow-d, cpow-d, rpow-d) or divfl
+    name: Literal["uniform", "pow-d", "cpow-d", "rpow-d", "divfl"] = "uniform"
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, le=1)
+    #: Power-of-Choice: d, the candidates sampled by data size (default 2 m)
+    candidates: int | None = Field(None, ge=1)
+    #: cpow-d: the examples a candidate scores its loss on
+    batch: int | None = Field(None, ge=1)
+    #: DivFL: re-probe every client's gradient every this many rounds (0: first round only)
+    refresh_every: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_of(self) -> SelectionConfig:
@@ -128,6 +141,11 @@ class SelectionConfig(_Section):
                 f"got clients_per_round={self.clients_per_round} and fraction={self.fraction}, allowed: one of them"
             )
         return self
+
+
+class CommunicationConfig(_Section):
+    #: FedPAQ: quantize every upload with s levels (unbiased, QSGD-style); unset: send it as it is
+    levels: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
 class RuntimeConfig(_Section):
@@ -174,6 +192,7 @@ class ExperimentConfig(_Section):
     local: LocalConfig = Field(default_factory=LocalConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -13,7 +13,7 @@ from fedhet.core.algorithm import Algorithm
 from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
 from fedhet.simulation.store import ClientStore
-from fedhet.simulation.world import ClientWorld, run_eval, run_train
+from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
 
 
 @dataclass
@@ -36,7 +36,8 @@ def fold(outcome: RoundOutcome, cid: int, task: ClientTask, out: Any, store: Cli
         return
     outcome.acc.add(cid, task, out.result)
     outcome.metrics[cid] = dict(out.result.metrics)
-    outcome.bytes_up[cid] = params_nbytes(out.result.params) + params_nbytes(out.result.extras)
+    dense = params_nbytes(out.result.params) + params_nbytes(out.result.extras)
+    outcome.bytes_up[cid] = out.upload_bytes if out.upload_bytes is not None else dense
     if store is not None:
         store.put(cid, out.store)
 
@@ -55,6 +56,12 @@ class Executor(ABC):
     def evaluate(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
     ) -> dict[int, Metrics | str]: ...
+
+    @abstractmethod
+    def probe(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
+    ) -> dict[int, Any]:
+        """Each client's answer to a selector's probe (a tensor, or the error message)."""
 
     def close(self) -> None:
         pass
@@ -82,3 +89,8 @@ class SequentialExecutor(Executor):
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
     ) -> dict[int, Metrics | str]:
         return {cid: run_eval(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid)) for cid in sorted(tasks)}
+
+    def probe(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
+    ) -> dict[int, Any]:
+        return {cid: run_probe(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid), what, batch) for cid in sorted(tasks)}

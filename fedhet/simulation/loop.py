@@ -9,7 +9,9 @@ draw is keyed by (seed, round, client id), so a resumed run gives the same bits 
 
 from __future__ import annotations
 
+import math
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -70,15 +72,25 @@ def _cost(run: Run, config: Config) -> ModelCost:
 
 
 def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
+    """Mean, median, 10th percentile and minimum across clients, and the fairness measures of
+    q-FFL: the variance, the mean of the worst 10% (at least one client) and Jain's index
+    ``(Σx)² / (n·Σx²)`` (1: all equal; 1/n: one client has everything)."""
     vals = sorted(v for v in values if v == v)
     if not vals:
         return {}
-    p10 = vals[max(0, int(0.1 * (len(vals) - 1)))]
+    n = len(vals)
+    mean = sum(vals) / n
+    p10 = vals[max(0, int(0.1 * (n - 1)))]
+    worst = vals[: max(1, math.ceil(0.1 * n))]
+    squares = sum(v * v for v in vals)
     return {
-        f"{prefix}_mean": sum(vals) / len(vals),
+        f"{prefix}_mean": mean,
         f"{prefix}_median": statistics.median(vals),
         f"{prefix}_p10": p10,
         f"{prefix}_min": vals[0],
+        f"{prefix}_var": sum((v - mean) ** 2 for v in vals) / n,
+        f"{prefix}_worst10": sum(worst) / len(worst),
+        f"{prefix}_jain": (sum(vals) ** 2) / (n * squares) if squares > 0 else 1.0,
     }
 
 
@@ -168,8 +180,24 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             t0 = time.perf_counter()
             infos = run.fleet.infos(rnd)
             by_id = {c.id: c for c in infos}
-            eligible = run.fleet.eligible(infos)
-            selected = run.selector.select(sel_state, rnd, eligible, run.seed)
+            eligible = run.fleet.eligible(infos, rnd)
+            probed = {"down": 0, "up": 0}
+
+            def probe(cids: Sequence[int], what: str, batch: int | None = None) -> dict[int, Any]:
+                # candidates get the model they would train, answer with a loss or a gradient
+                ptasks = alg.configure(state, rnd, [by_id[c] for c in cids])
+                answers = run.executor.probe(alg, ptasks, by_id, what, batch)
+                out = {}
+                for cid, value in answers.items():
+                    probed["down"] += params_nbytes(ptasks[cid].params) + params_nbytes(ptasks[cid].extras)
+                    if isinstance(value, str):
+                        print(f"warning: client not a candidate: {value}", flush=True, file=sys.stderr)
+                        continue
+                    probed["up"] += value.numel() * value.element_size()
+                    out[cid] = value
+                return out
+
+            selected, sel_state = run.selector.select(sel_state, rnd, eligible, run.seed, probe)
             if alg.decentralized and len(selected) < len(eligible):
                 raise ValueError(
                     f"selection: {alg.name} is decentralized (every available client trains every round), "
@@ -213,8 +241,11 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             row["trained"] = len(outcome.metrics)
             row["failures"] = len(outcome.failures)
             row["train_loss"] = loss_sum / total_examples if total_examples else None
-            row["bytes_down"] = sum(r.get("bytes_down", 0) for r in client_rows)
-            row["bytes_up"] = sum(outcome.bytes_up.values())
+            row["bytes_down"] = sum(r.get("bytes_down", 0) for r in client_rows) + probed["down"]
+            row["bytes_up"] = sum(outcome.bytes_up.values()) + probed["up"]
+            if probed["down"]:
+                # what the selector's probes cost (included in bytes_down / bytes_up)
+                row["probe_bytes_down"], row["probe_bytes_up"] = probed["down"], probed["up"]
             row["train_flops"] = flops
             row.update(agg_metrics)
             if rnd % run.eval_every == 0 or rnd == run.rounds:
@@ -226,7 +257,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                 client_rows.extend({"round": rnd, "client": cid, "tier": by_id[cid].tier, **m} for cid, m in sorted(per_client.items()))
             row["seconds"] = time.perf_counter() - t0
             for err in outcome.failures.values():
-                print(f"warning: client left out of the round: {err}", flush=True, file=__import__("sys").stderr)
+                print(f"warning: client left out of the round: {err}", flush=True, file=sys.stderr)
             log.log_round(row, client_rows)
             if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
                 save_checkpoint(

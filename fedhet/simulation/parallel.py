@@ -55,7 +55,7 @@ from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
 from fedhet.simulation.executors import Executor, RoundOutcome, fold
 from fedhet.simulation.store import ClientStore
-from fedhet.simulation.world import ClientWorld, run_eval, run_train
+from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
 
 __all__ = ["ParallelExecutor", "default_workers", "split_clients"]
 
@@ -208,6 +208,9 @@ def _handle(world: ClientWorld, request: tuple[Any, ...]) -> Any:
     if kind == "eval":
         _, algorithm, jobs = request
         return {cid: run_eval(algorithm, world, info, task, store) for cid, task, info, store in jobs}
+    if kind == "probe":
+        _, algorithm, what, batch, jobs = request
+        return {cid: run_probe(algorithm, world, info, task, store, what, batch) for cid, task, info, store in jobs}
     raise ValueError(f"unknown request {kind!r}")
 
 
@@ -440,6 +443,18 @@ class ParallelExecutor(Executor):
         chunks = self._chunks(cids, [infos[c].num_test + 1.0 for c in cids])
         requests = {w: ("eval", algorithm, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
         merged: dict[int, Metrics | str] = {}
+        self._workers.call(requests, chunks, lambda w, reply: merged.update(reply))
+        return {cid: merged[cid] for cid in cids}
+
+    def probe(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
+    ) -> dict[int, Any]:
+        cids = sorted(tasks)
+        if not cids:
+            return {}
+        chunks = self._chunks(cids, [infos[c].num_train + 1.0 for c in cids])
+        requests = {w: ("probe", algorithm, what, batch, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
+        merged: dict[int, Any] = {}
         self._workers.call(requests, chunks, lambda w, reply: merged.update(reply))
         return {cid: merged[cid] for cid in cids}
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedhet.communication.upload import quantize_upload
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, model_params
 from fedhet.core.context import ClientContext
@@ -35,6 +36,8 @@ class ClientWorld:
     model_options: dict[str, Any]
     seed: int
     device: str = "cpu"
+    #: FedPAQ: quantize every upload with this many levels (None: send it as it is)
+    upload_levels: int | None = None
     _models: dict[ConfigKey, nn.Module] = field(default_factory=dict, repr=False)
     _initial: dict[ConfigKey, Params] = field(default_factory=dict, repr=False)
 
@@ -142,6 +145,8 @@ class ClientOutcome:
     result: ClientResult | None
     error: str | None
     store: dict[str, Any] | None
+    #: the upload's encoded size where it is not the dense size of the result (quantized uploads)
+    upload_bytes: int | None = None
 
 
 def run_train(
@@ -159,11 +164,29 @@ def run_train(
             extras={k: v.detach().cpu() for k, v in result.extras.items()},
         )
         algorithm.validate_result(task, result)
+        nbytes = None
+        if world.upload_levels is not None:
+            gen = rng.generator(world.seed, "quantize", task.round, info.id)
+            result, nbytes = quantize_upload(task, result, world.upload_levels, gen, algorithm.upload_reference(task))
     except Exception as exc:  # a client's failure must never stop or corrupt the round
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         loc = f" at {where.filename}:{where.lineno}" if where else ""
         return ClientOutcome(info.id, None, f"round {task.round}, client {info.id}, local_update: {type(exc).__name__}: {exc}{loc}", None)
-    return ClientOutcome(info.id, result, None, ctx.store)
+    return ClientOutcome(info.id, result, None, ctx.store, nbytes)
+
+
+def run_probe(
+    algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any], what: str, batch: int | None
+) -> torch.Tensor | str:
+    """``Algorithm.probe`` for one client (a selector's question before the round); an error is
+    returned as its message, and the client is then not a candidate."""
+    try:
+        value = algorithm.probe(task, world.context(info, task.round, store, stream="probe"), what, batch).detach().cpu()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"probe {what!r} is not finite")
+        return value
+    except Exception as exc:
+        return f"round {task.round}, client {info.id}, probe {what}: {type(exc).__name__}: {exc}"
 
 
 def run_eval(algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any]) -> Metrics | str:

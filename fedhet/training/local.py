@@ -242,3 +242,48 @@ def evaluate(
     metrics = meter.result()
     loss = total_loss / loss_weight if loss_weight else math.nan
     return {"loss": loss, **metrics, "score": metrics[data.task.primary], "examples": float(n_total)}
+
+
+#: what a client can be asked about the model it would receive, without training it
+PROBES = ("loss", "grad")
+
+
+def probe_model(
+    model: nn.Module,
+    data: ArrayDataset,
+    what: str,
+    *,
+    batch: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The loss (0-d) or the gradient of the mean loss (1-D, every trainable tensor flattened in
+    ``named_parameters`` order) of ``model`` on ``data``, in eval mode, for client selection.
+
+    ``batch``: use that many examples drawn without replacement from ``generator`` instead of the
+    whole dataset (Power-of-Choice's cpow-d). The model is left as it was (gradients cleared)."""
+    if what not in PROBES:
+        raise ValueError(f"probe: got {what!r}, allowed: {', '.join(PROBES)}")
+    device = device or torch.device("cpu")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"probe batch: got {batch!r}, allowed: an integer >= 1")
+        if batch < len(data):
+            data = data.subset(torch.randperm(len(data), generator=generator)[:batch])
+    if what == "loss":
+        with torch.no_grad():
+            return torch.tensor(evaluate(model, data, device=device)["loss"], dtype=torch.float64)
+    model.eval()
+    params = [p for _, p in model.named_parameters()]
+    model.zero_grad(set_to_none=True)
+    total = data.task.scored(data.y) if len(data) else 0
+    with torch.enable_grad():
+        for x, y in data.batches(256, generator=eval_order()):
+            scored = data.task.scored(y)
+            if scored == 0:
+                continue
+            loss = data.task.loss(model(x.to(device)), y.to(device)) * (scored / total)
+            loss.backward()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).cpu() for p in params])
+    model.zero_grad(set_to_none=True)
+    return flat.to(torch.float32)

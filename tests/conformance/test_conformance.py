@@ -116,7 +116,7 @@ def _one_round(run, state, rnd):
     alg = run.algorithm
     infos = run.fleet.infos(rnd)
     by_id = {c.id: c for c in infos}
-    selected = run.selector.select(run.selector.init(infos), rnd, run.fleet.eligible(infos), run.seed)
+    selected, _ = run.selector.select(run.selector.init(infos), rnd, run.fleet.eligible(infos), run.seed)
     live = [c for c in selected if not run.fleet.dropped(c, rnd)]
     tasks = alg.configure(state, rnd, [by_id[c] for c in live])
     outcome = run.executor.train(alg, tasks, by_id, alg.accumulator(state, rnd))

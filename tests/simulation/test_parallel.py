@@ -286,3 +286,12 @@ def test_global_weights_cross_once_per_message() -> None:
     head, buffers = parallel._encode(("train", None, None, tasks))
     assert sum(b.nbytes for b in buffers) == sum(t.numel() * t.element_size() for t in params.values())
     assert len(head) < 4096
+
+
+@pytest.mark.parametrize("selection", ["pow-d", "divfl"])
+def test_probing_selectors_give_the_same_bits_on_the_parallel_executor(tmp_path: Path, selection: str) -> None:
+    extra = (f"selection.name={selection}", "selection.clients_per_round=3")
+    seq, par = finish(make_run(tmp_path, "sequential", "fedavg", *extra)), finish(make_run(tmp_path, "parallel", "fedavg", *extra))
+    assert_same_tensors(seq.params, par.params, "global params")
+    assert comparable(seq.history) == comparable(par.history)
+    assert all(row["probe_bytes_down"] > 0 for row in seq.history[:1])
