@@ -46,6 +46,7 @@ from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, model_par
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
+from fedhet.experiment.clusters import clusters_as_assignment
 from fedhet.training.local import train
 
 #: added to the product of norms in the cosine similarity (as the code)
@@ -231,6 +232,10 @@ class CFL(Algorithm[CFLState]):
 
     def eval_targets(self, state: CFLState) -> dict[str, tuple[Params, Config]]:
         return {f"cluster_{k}": (m, state.model_config) for k, m in enumerate(state.models)}
+
+    def client_clusters(self, state: CFLState) -> dict[int, int] | None:
+        """Each client's current cluster (scored against the true groups by the loop)."""
+        return clusters_as_assignment(state.clusters)
 
     def global_params(self, state: CFLState) -> Params:
         return {f"cluster{k}/{name}": t for k, m in enumerate(state.models) for name, t in m.items()}

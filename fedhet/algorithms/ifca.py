@@ -240,6 +240,10 @@ class IFCA(Algorithm[IFCAState]):
     def configure_eval(self, state: IFCAState, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
         return self.configure(state, rnd, clients)
 
+    def client_clusters(self, state: IFCAState) -> dict[int, int] | None:
+        """Each client's current cluster (scored against the true groups by the loop)."""
+        return dict(state.assignment)
+
     def global_params(self, state: IFCAState) -> Params:
         return pack_models(state.models)
 

@@ -106,6 +106,11 @@ class Algorithm(Generic[S]):
         """Tasks for each client's evaluation on its own held-out split (default: the model it trains)."""
         return self.configure(state, rnd, clients)
 
+    def client_clusters(self, state: S) -> dict[int, int] | None:
+        """Which cluster each client is in, for clustered methods (IFCA, CFL); None otherwise. The
+        loop scores it against the data's true client groups (``clusters/purity``, ``clusters/ari``)."""
+        return None
+
     def global_params(self, state: S) -> Params:
         """The parameters a run reports as its result (compared by the resume and executor tests)."""
         return getattr(state, "params", {})

@@ -26,6 +26,7 @@ from fedhet.core.messages import ClientInfo
 from fedhet.core.types import Config, Params, config_key, params_nbytes
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
+from fedhet.experiment.clusters import adjusted_rand, cluster_purity, groups_as_mapping
 from fedhet.experiment.logging import Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
@@ -116,6 +117,15 @@ def evaluate_round(
                 row[f"eval/{name}/{k}"] = v
         # the width each target runs at (an ensemble's is its number of bases times theirs)
         row[f"eval/{name}/width"] = float(config.get("width", 1.0)) * int(config.get("ensemble", 1))
+    assignment = alg.client_clusters(state)
+    groups = getattr(run.world.dataset, "client_groups", ())
+    if assignment:
+        row["clusters/count"] = float(len(set(assignment.values())))
+        if len(set(groups)) > 1:
+            truth = groups_as_mapping(groups)
+            known = {c: k for c, k in assignment.items() if c in truth}
+            row["clusters/purity"] = cluster_purity(known, truth)
+            row["clusters/ari"] = adjusted_rand(known, truth)
     per_client: dict[int, dict[str, float]] = {}
     if run.eval_clients:
         tasks = alg.configure_eval(state, rnd, infos)

@@ -41,3 +41,23 @@ def test_helpers_and_errors():
         cluster_purity({}, {0: 0})
     with pytest.raises(ValueError, match=r"clients \[4\] have no true group"):
         cluster_purity({4: 0}, {0: 0})
+
+
+def test_the_loop_scores_a_clustered_methods_assignment_against_the_true_groups(tmp_path):
+    from fedhet.experiment.build import build_run
+    from fedhet.experiment.config import load_config
+    from fedhet.simulation.loop import run_rounds
+
+    cfg = load_config(None, [
+        "rounds=8", "algorithm.name=ifca", "data.dataset=digits", "data.num_clients=10", "data.rotate_fraction=0.5",
+        "model.options={hidden: [32]}", "logging.progress=off",
+    ])
+    run = build_run(cfg, tmp_path)
+    last = run_rounds(run).history[-1]
+    truth = groups_as_mapping(run.world.dataset.client_groups)
+    got = run.algorithm.client_clusters(run_rounds(run, resume=True).state)
+    assert last["clusters/purity"] == cluster_purity(got, truth) == 1.0
+    assert last["clusters/ari"] == 1.0 and last["clusters/count"] == 2.0
+    # methods without clusters log none
+    plain = run_rounds(build_run(load_config(None, ["rounds=1", "data.dataset=digits", "data.num_clients=4", "logging.progress=off"]), tmp_path / "p"))
+    assert not any(k.startswith("clusters/") for k in plain.history[-1])
