@@ -26,3 +26,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_interrupted(run, at: int):
+    """Run ``run`` and stop it after round ``at`` as a crash would (its checkpoint stays behind)."""
+    from fedhet.simulation.loop import run_rounds
+
+    def stop(rnd, row):
+        if rnd == at:
+            raise KeyboardInterrupt
+
+    run.on_round = stop
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(run)

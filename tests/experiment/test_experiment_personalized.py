@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_interrupted
 
 from fedhet.cli.main import main
 from fedhet.experiment.build import build_run
@@ -117,13 +118,7 @@ def test_a_resumed_dispfl_run_equals_a_straight_one(tmp_path, store):
     extra = (f"runtime.store={store}",)
     first = build_run(load_config(None, _dispfl(*extra, rounds=4)), tmp_path / "stopped")
 
-    def stop(rnd, row):
-        if rnd == 2:
-            raise KeyboardInterrupt
-
-    first.on_round = stop
-    with pytest.raises(KeyboardInterrupt):
-        run_rounds(first)
+    run_interrupted(first, at=2)
     again = build_run(load_config(None, _dispfl(*extra, rounds=4)), tmp_path / "stopped")
     resumed = run_rounds(again, resume=True)
     straight_run = build_run(load_config(None, _dispfl(*extra, rounds=4)), tmp_path / "straight")

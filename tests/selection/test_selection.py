@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_interrupted
 
 from fedhet.core.messages import ClientInfo, ModelSize
 from fedhet.experiment.build import build_run
@@ -148,13 +149,7 @@ def test_selectors_run_through_the_loop_count_probe_bytes_and_resume(tmp_path, e
     # the same seed gives the same selections, also when resumed from round 2 of 3
     again = build_run(load_config(None, [*BASE, *extra]), tmp_path / "b")
 
-    def stop(rnd, row):
-        if rnd == 2:
-            raise KeyboardInterrupt
-
-    again.on_round = stop
-    with pytest.raises(KeyboardInterrupt):
-        run_rounds(again)
+    run_interrupted(again, at=2)
     resumed = run_rounds(build_run(load_config(None, [*BASE, *extra]), tmp_path / "b"), resume=True)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in result.history]
