@@ -85,9 +85,10 @@ def weighted_mean(params: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 
 
 class GroupedSum(Accumulator):
-    """One :class:`WeightedSum` per group of clients, the group read from each task by ``key_of``
-    (a picklable callable, e.g. the task's model config): per-tier or per-cluster averages that still
-    merge across worker processes."""
+    """One :class:`WeightedSum` per group of clients, the group read by ``key_of(task, result)`` (a
+    picklable callable: the task's model config for tiers, the cluster a client chose for IFCA):
+    per-tier or per-cluster averages that still merge across worker processes. ``members`` records
+    each client's group."""
 
     def __init__(self, key_of, weighting: str = "examples") -> None:  # noqa: ANN001
         if weighting not in WEIGHTINGS:
@@ -95,16 +96,18 @@ class GroupedSum(Accumulator):
         self.key_of = key_of
         self.weighting = weighting
         self.groups: dict = {}
+        self.members: dict = {}
         self.count = 0
 
     def empty(self) -> GroupedSum:
         return GroupedSum(self.key_of, self.weighting)
 
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
-        key = self.key_of(task)
+        key = self.key_of(task, result)
         if key not in self.groups:
             self.groups[key] = WeightedSum(self.weighting)
         self.groups[key].add(cid, task, result)
+        self.members[cid] = key
         self.count += 1
 
     def merge(self, other: Accumulator) -> None:
@@ -114,4 +117,5 @@ class GroupedSum(Accumulator):
                 self.groups[key].merge(acc)
             else:
                 self.groups[key] = acc
+        self.members.update(other.members)
         self.count += other.count

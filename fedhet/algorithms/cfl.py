@@ -45,7 +45,7 @@ from fedhet.algorithms import register
 from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, Metrics, Params, nest
 from fedhet.experiment.clusters import clusters_as_assignment
 from fedhet.training.local import train
 
@@ -238,7 +238,7 @@ class CFL(Algorithm[CFLState]):
         return clusters_as_assignment(state.clusters)
 
     def global_params(self, state: CFLState) -> Params:
-        return {f"cluster{k}/{name}": t for k, m in enumerate(state.models) for name, t in m.items()}
+        return nest(dict(enumerate(state.models)), "cluster")
 
     # -- client -----------------------------------------------------------------------------------
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
@@ -251,6 +251,10 @@ class CFL(Algorithm[CFLState]):
         if "cluster" in task.extras:
             metrics["cluster"] = float(task.extras["cluster"])
         return ClientResult(params=delta, num_examples=len(ctx.train), metrics=metrics)
+
+    def upload_reference(self, task: ClientTask) -> Params:
+        """Nothing: the upload is ΔW already, so a quantized upload sends Q(ΔW)."""
+        return {}
 
     def evaluate_client(self, task: ClientTask, ctx: ClientContext) -> Metrics:
         metrics = super().evaluate_client(task, ctx)

@@ -46,7 +46,7 @@ from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ClientError, ServerSetup, load_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, Metrics, Params, nest, unnest
 from fedhet.simulation.topology import TOPOLOGIES, neighbours
 from fedhet.submodel.sparsity import (
     BITS,
@@ -165,9 +165,8 @@ class DisPFL(Algorithm[DisPFLState]):
         tasks = {}
         for c in clients:
             extras: Params = {DROP: torch.tensor(self.drop(state, rnd), dtype=torch.float64)}
-            for j in graph.get(c.id, []):
-                for name, t in state.mailbox.get(j, {}).items():
-                    extras[f"{PEER}{j}/{name}"] = t  # routed as published: the same tensors, not copies
+            # routed as published: the same tensors, not copies
+            extras.update(nest({j: state.mailbox[j] for j in graph.get(c.id, []) if j in state.mailbox}, PEER))
             tasks[c.id] = ClientTask(round=rnd, params={}, config=c.size.as_config(), extras=extras)
         return tasks
 
@@ -198,7 +197,7 @@ class DisPFL(Algorithm[DisPFLState]):
 
     def global_params(self, state: DisPFLState) -> Params:
         """Every client's last published message (there is no global model)."""
-        return {f"{cid}/{name}": t for cid, msg in sorted(state.mailbox.items()) for name, t in msg.items()}
+        return nest(dict(sorted(state.mailbox.items())))
 
     # -- client ------------------------------------------------------------------------------------
     def initial_mask(self, ctx: ClientContext, config: Config, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -287,12 +286,7 @@ class DisPFL(Algorithm[DisPFLState]):
 
 def _peer_messages(extras: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """Neighbours' messages from a task's extras, by sender."""
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in extras.items():
-        if key.startswith(PEER):
-            sender, name = key[len(PEER) :].split("/", 1)
-            out.setdefault(int(sender), {})[name] = t
-    return out
+    return {int(sender): msg for sender, msg in unnest(extras, PEER).items()}
 
 
 def mask_count_mean(models: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]) -> Params:

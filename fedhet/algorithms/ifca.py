@@ -39,17 +39,19 @@ import torch
 from torch import nn
 
 from fedhet.aggregation.base import Accumulator
-from fedhet.aggregation.mean import WEIGHTINGS, WeightedSum
+from fedhet.aggregation.mean import WEIGHTINGS, GroupedSum
 from fedhet.algorithms import register
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ClientError, ServerSetup, check_result, load_params, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
-from fedhet.core.types import Config, Metrics, Params
+from fedhet.core.types import Config, Metrics, Params, nest, unnest
 from fedhet.training.local import evaluate, train
 
 #: name of the result extra that carries the chosen cluster (a 0-d int64 tensor)
 CLUSTER_KEY = "cluster"
+#: prefix of the cluster models in a task (and in ``global_params``): ``cluster{j}/<name>``
+CLUSTER_PREFIX = "cluster"
 
 
 def default_threshold(clusters: int) -> float:
@@ -62,18 +64,17 @@ def default_threshold(clusters: int) -> float:
 
 
 def pack_models(models: Sequence[Mapping[str, torch.Tensor]]) -> Params:
-    """All cluster models in one flat dict: ``cluster{j}/<name>``."""
-    return {f"cluster{j}/{name}": t for j, params in enumerate(models) for name, t in params.items()}
+    """All cluster models in one flat dict: ``cluster{j}/<name>`` (:func:`fedhet.core.types.nest`)."""
+    return nest(dict(enumerate(models)), CLUSTER_PREFIX)
 
 
 def unpack_models(packed: Mapping[str, torch.Tensor]) -> list[Params]:
     """The inverse of :func:`pack_models` (models in cluster order)."""
-    out: dict[int, Params] = {}
-    for key, t in packed.items():
-        head, sep, name = key.partition("/")
-        if not sep or not head.startswith("cluster") or not head[7:].isdigit():
+    for key in packed:
+        head, sep, _ = key.partition("/")
+        if not sep or not head.startswith(CLUSTER_PREFIX) or not head[len(CLUSTER_PREFIX) :].isdigit():
             raise ValueError(f"ifca: task entry {key!r} is not of the form cluster<j>/<name>")
-        out.setdefault(int(head[7:]), {})[name] = t
+    out = {int(k): m for k, m in unnest(packed, CLUSTER_PREFIX).items()}
     if sorted(out) != list(range(len(out))):
         raise ValueError(f"ifca: task holds clusters {sorted(out)}; expected 0..{len(out) - 1}")
     return [out[j] for j in range(len(out))]
@@ -107,36 +108,11 @@ def draw_models(initial: Params, trainable: frozenset[str], clusters: int, seed:
     return models
 
 
-class ClusterSums(Accumulator):
-    """One :class:`WeightedSum` per cluster, the cluster read from each result's ``cluster`` extra,
-    and which cluster every reporting client chose."""
+class ChosenCluster:
+    """``(task, result) -> the cluster the client chose`` (picklable, for :class:`GroupedSum`)."""
 
-    def __init__(self, clusters: int = 1, weighting: str = "uniform") -> None:
-        self.clusters = clusters
-        self.weighting = weighting
-        self.sums = [WeightedSum(weighting) for _ in range(clusters)]
-        self.members: dict[int, int] = {}
-
-    def empty(self) -> ClusterSums:
-        return ClusterSums(self.clusters, self.weighting)
-
-    @property
-    def count(self) -> int:
-        return len(self.members)
-
-    def counts(self) -> list[int]:
-        return [s.count for s in self.sums]
-
-    def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
-        j = int(result.extras[CLUSTER_KEY])
-        self.sums[j].add(cid, task, result)
-        self.members[cid] = j
-
-    def merge(self, other: Accumulator) -> None:
-        assert isinstance(other, ClusterSums) and other.clusters == self.clusters
-        for mine, theirs in zip(self.sums, other.sums, strict=True):
-            mine.merge(theirs)
-        self.members.update(other.members)
+    def __call__(self, task: ClientTask, result: ClientResult) -> int:
+        return int(result.extras[CLUSTER_KEY])
 
 
 @dataclass
@@ -206,11 +182,11 @@ class IFCA(Algorithm[IFCAState]):
         return {c.id: ClientTask(round=rnd, params={}, config=state.model_config, extras=packed) for c in clients}
 
     def accumulator(self, state: IFCAState, rnd: int) -> Accumulator:
-        return ClusterSums(len(state.models), self.weighting)
+        return GroupedSum(ChosenCluster(), self.weighting)
 
     def aggregate(self, state: IFCAState, rnd: int, acc: Accumulator) -> tuple[IFCAState, Metrics]:
-        assert isinstance(acc, ClusterSums)
-        counts = acc.counts()
+        assert isinstance(acc, GroupedSum)
+        counts = [acc.groups[j].count if j in acc.groups else 0 for j in range(len(state.models))]
         metrics: Metrics = {"aggregated_clients": float(acc.count)}
         metrics.update({f"ifca/cluster_{j}_clients": float(n) for j, n in enumerate(counts)})
         if acc.count == 0:
@@ -229,7 +205,7 @@ class IFCA(Algorithm[IFCAState]):
                 {"ifca/init_redraws": float(state.redraws), "ifca/init_accepted": 1.0, "ifca/init_forced": float(not balanced)}
             )
             state = replace(state, accepted=True)
-        models = [acc.sums[j].mean(m) if counts[j] > 0 else {k: v.clone() for k, v in m.items()} for j, m in enumerate(state.models)]
+        models = [acc.groups[j].mean(m) if counts[j] > 0 else {k: v.clone() for k, v in m.items()} for j, m in enumerate(state.models)]
         assignment = {**state.assignment, **acc.members}
         metrics["ifca/clusters_used"] = float(sum(1 for n in counts if n > 0))
         return replace(state, models=models, assignment=dict(sorted(assignment.items()))), metrics

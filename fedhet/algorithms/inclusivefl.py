@@ -39,7 +39,7 @@ from fedhet.algorithms import register
 from fedhet.algorithms.depthfl import multi_exit
 from fedhet.algorithms.fedavg import FedAvg, server_step
 from fedhet.core.algorithm import ServerSetup, trainable_names
-from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
 from fedhet.submodel.architecture import DepthBlock
 from fedhet.submodel.family import ModelFamily, size_config
@@ -62,9 +62,10 @@ class InclusiveState:
 
 
 class ConfigKey:
-    """``task -> the key of its tier`` (picklable, for the grouped accumulator in any process)."""
+    """``(task, result) -> the key of the task's tier`` (picklable, for the grouped accumulator in
+    any process)."""
 
-    def __call__(self, task: ClientTask) -> Key:
+    def __call__(self, task: ClientTask, result: ClientResult) -> Key:
         return config_key(task.config)
 
 

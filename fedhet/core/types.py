@@ -47,6 +47,26 @@ def sparse_nbytes(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.
     return total
 
 
+def nest(sets: Mapping[object, Mapping[str, torch.Tensor]], prefix: str = "") -> Params:
+    """Several parameter sets in one ``Params`` (what a task or result carries when it holds more
+    than one model: IFCA's cluster models, DisPFL's neighbour messages): entry ``name`` of the set
+    with key ``k`` becomes ``{prefix}{k}/{name}``, in the sets' and their entries' order."""
+    return {f"{prefix}{key}/{name}": t for key, params in sets.items() for name, t in params.items()}
+
+
+def unnest(params: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Params]:
+    """The sets :func:`nest` packed under ``prefix``, by key (a string); entries not under
+    ``prefix`` are left out."""
+    out: dict[str, Params] = {}
+    for full, t in params.items():
+        if not full.startswith(prefix):
+            continue
+        key, sep, name = full[len(prefix) :].partition("/")
+        if sep:
+            out.setdefault(key, {})[name] = t
+    return out
+
+
 def clone_params(params: Mapping[str, torch.Tensor]) -> Params:
     """A detached copy that shares no storage with ``params``."""
     return {k: v.detach().clone() for k, v in params.items()}

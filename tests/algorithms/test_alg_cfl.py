@@ -289,3 +289,17 @@ def test_cfl_splits_rotated_digits_into_the_true_groups(tmp_path):
     assert sorted(assignment) == list(range(10))
     assert cluster_purity(assignment, truth) == 1.0 and adjusted_rand(assignment, truth) == 1.0
     assert {"eval/cluster_0/accuracy", "eval/cluster_1/accuracy"} <= set(result.history[-1])
+
+
+def test_a_quantized_cfl_upload_quantizes_the_update_itself():
+    from fedhet.communication import quantize_upload
+    from fedhet.core.messages import ClientResult, ClientTask
+
+    task = ClientTask(1, {"w": torch.tensor([10.0, -10.0, 10.0])})
+    delta = torch.tensor([0.3, 0.0, -0.4])
+    result = ClientResult({"w": delta}, 5)
+    out, _ = quantize_upload(task, result, 1, torch.Generator().manual_seed(0), CFL().upload_reference(task))
+    # s = 1: every value is 0 or ±‖ΔW‖ (= 0.5), with ΔW's sign: Q(ΔW), not w + Q(ΔW − w)
+    values = out.params["w"]
+    assert torch.all((values == 0) | torch.isclose(values, 0.5 * torch.sign(delta)))
+    assert out.params["w"][1].item() == 0.0

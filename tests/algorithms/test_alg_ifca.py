@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedhet.aggregation.mean import GroupedSum
 from fedhet.algorithms.fedavg import FedAvg
 from fedhet.algorithms.ifca import (
     CLUSTER_KEY,
     IFCA,
-    ClusterSums,
+    ChosenCluster,
     IFCAState,
     choose_cluster,
     default_threshold,
@@ -270,19 +271,19 @@ def test_aggregate_averages_per_cluster_and_keeps_empty_clusters():
 
 def test_cluster_sums_merge_like_one_accumulator():
     results = {1: _result([1.0], 0), 2: _result([3.0], 1), 3: _result([5.0], 0)}
-    one = ClusterSums(2)
+    one = GroupedSum(ChosenCluster(), "uniform")
     for cid, r in results.items():
         one.add(cid, ClientTask(1, {}), r)
-    a, b = ClusterSums(2), ClusterSums(2)
+    a, b = GroupedSum(ChosenCluster(), "uniform"), GroupedSum(ChosenCluster(), "uniform")
     a.add(1, ClientTask(1, {}), results[1])
     b.add(2, ClientTask(1, {}), results[2])
     b.add(3, ClientTask(1, {}), results[3])
     part = a.empty()
     part.merge(a)
     part.merge(b)
-    assert part.members == one.members == {1: 0, 2: 1, 3: 0} and part.counts() == [2, 1]
+    assert part.members == one.members == {1: 0, 2: 1, 3: 0} and [part.groups[j].count for j in range(2)] == [2, 1]
     ref = {"w": torch.tensor([0.0])}
-    assert [part.sums[j].mean(ref)["w"].item() for j in range(2)] == [one.sums[j].mean(ref)["w"].item() for j in range(2)] == [3.0, 3.0]
+    assert [part.groups[j].mean(ref)["w"].item() for j in range(2)] == [one.groups[j].mean(ref)["w"].item() for j in range(2)] == [3.0, 3.0]
 
 
 def test_initialization_check_redraws_until_every_cluster_gets_its_share():
