@@ -126,6 +126,77 @@ def load_federated(cfg: ExperimentConfig) -> Any:
         raise _error(err) from None
 
 
+def _driver_device(cfg: ExperimentConfig) -> str | None:
+    """Where the driver computes (server-side evaluation), when that is not ``runtime.device``: with
+    Ray, ``runtime.device`` is where the actors' clients train, and the driver may have no GPU."""
+    rt = cfg.runtime
+    if rt.executor != "ray" or not rt.device.startswith("cuda"):
+        return None
+    if rt.ray.gpus_per_worker == 0:
+        raise ConfigError(
+            f"runtime.device: got {rt.device!r}, but runtime.ray.gpus_per_worker is 0 (the actors get no GPU); "
+            "allowed: auto or cpu, or set runtime.ray.gpus_per_worker (e.g. 0.5: two actors share a GPU)"
+        )
+    return None if torch.cuda.is_available() else "cpu"
+
+
+def build_world(cfg: ExperimentConfig, fed: Any, device: str | None = None) -> ClientWorld:
+    """The client world of ``cfg`` over the federated data ``fed`` (a misspelt model option fails
+    here, before any training)."""
+    world = ClientWorld(
+        fed, cfg.model.name, dict(cfg.model.options), cfg.seed, device or resolve_device(cfg.runtime.device), upload_levels=cfg.communication.levels
+    )
+    try:
+        world.build_model(ModelSize().as_config())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.options: {err}") from None
+    return world
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldFromConfig:
+    """Builds a run's client world from its config where it is called: a Ray actor on another node
+    loads the data from ``data.root`` there instead of receiving them from the driver."""
+
+    config: dict[str, Any]
+
+    def __call__(self) -> ClientWorld:
+        cfg = ExperimentConfig.model_validate(self.config)
+        return build_world(cfg, load_federated(cfg), device="cpu")
+
+
+def build_executor(cfg: ExperimentConfig, world: ClientWorld, store: Any) -> Executor:
+    """The configured executor over ``world`` (starting its workers)."""
+    rt = cfg.runtime
+    num_clients = world.dataset.num_clients
+    if rt.executor == "parallel":
+        from fedhet.simulation.parallel import ParallelExecutor
+
+        return ParallelExecutor(world, store, workers=rt.workers or os.cpu_count() or 1)
+    if rt.executor == "ray":
+        from fedhet.simulation.ray_executor import RayExecutor
+
+        workers = rt.ray.workers or rt.workers
+        if workers is not None and workers > num_clients:
+            field = "runtime.ray.workers" if rt.ray.workers else "runtime.workers"
+            raise ConfigError(f"{field}: got {workers}, but the run has {num_clients} clients; allowed: 1 to {num_clients}")
+        try:
+            return RayExecutor(
+                world,
+                store,
+                address=rt.ray.address,
+                workers=workers,
+                cpus_per_worker=rt.ray.cpus_per_worker,
+                gpus_per_worker=rt.ray.gpus_per_worker,
+                max_retries=rt.ray.max_retries,
+                data=rt.ray.data,
+                world_factory=WorldFromConfig(cfg.model_dump(mode="json")),
+            )
+        except ValueError as err:
+            raise _error(err) from None
+    return SequentialExecutor(world, store)
+
+
 def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> Run:
     algorithm = build_algorithm(cfg)
     tiers, policy = build_fleet_parts(cfg)
@@ -142,13 +213,7 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
         )
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
-    world = ClientWorld(
-        fed, cfg.model.name, dict(cfg.model.options), cfg.seed, resolve_device(cfg.runtime.device), upload_levels=cfg.communication.levels
-    )
-    try:  # a misspelt model option fails here, before any training
-        world.build_model(ModelSize().as_config())
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.options: {err}") from None
+    world = build_world(cfg, fed, device=_driver_device(cfg))
     fleet = Fleet(
         tiers=tuple(tiers),
         assignment=cfg.devices.assignment,
@@ -160,14 +225,7 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
         availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
     )
     selector = build_selector(cfg, fed.num_clients)
-    executor: Executor
-    store = make_store(cfg.runtime.store, run_dir)
-    if cfg.runtime.executor == "parallel":
-        from fedhet.simulation.parallel import ParallelExecutor
-
-        executor = ParallelExecutor(world, store, workers=cfg.runtime.workers or os.cpu_count() or 1)
-    else:
-        executor = SequentialExecutor(world, store)
+    executor = build_executor(cfg, world, make_store(cfg.runtime.store, run_dir))
     return Run(
         algorithm=algorithm,
         world=world,

@@ -148,14 +148,53 @@ class CommunicationConfig(_Section):
     levels: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
+class RayConfig(_Section):
+    """``runtime.executor: ray``: where the actors run and what each gets."""
+
+    #: unset: start a local Ray (127.0.0.1 only); ``auto`` or ``HOST:PORT``: join a running cluster
+    address: str | None = None
+    #: actors (default: runtime.workers, else one per CPU of the machine or cluster)
+    workers: int | None = Field(None, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    #: fractional: 0.5 puts two actors on one GPU (their clients train on it)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    #: a share whose actor died is run again this many times in a call, then its clients fail that round
+    max_retries: int = Field(2, ge=0)
+    #: driver: ship the driver's data through the object store; node: each actor loads it from
+    #: data.root on its own node; auto: node when joining a cluster, driver otherwise
+    data: Literal["auto", "driver", "node"] = "auto"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in v:
+            raise ValueError(f"got {v!r}, allowed: unset (a local Ray), auto, or HOST:PORT of a running Ray cluster's head node")
+        return v
+
+
 class RuntimeConfig(_Section):
-    executor: Literal["sequential", "parallel"] = "sequential"
+    executor: Literal["sequential", "parallel", "ray"] = "sequential"
     workers: int | None = Field(None, ge=1)
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
     #: where personal client state lives: in memory, or on disk under the run folder (thousands of clients)
     store: Literal["memory", "disk"] = "memory"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _ray_options(self) -> RuntimeConfig:
+        if self.executor != "ray":
+            changed = sorted(self.ray.model_fields_set)
+            if changed:
+                key = changed[0]
+                raise ValueError(
+                    f"got ray.{key}={getattr(self.ray, key)!r} with executor {self.executor!r}; allowed: runtime.ray only with runtime.executor=ray"
+                )
+        return self
 
     @field_validator("device")
     @classmethod

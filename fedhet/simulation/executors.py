@@ -1,10 +1,14 @@
 """Executors run the clients of a round. The sequential one runs them in this process, one after
-another; ``fedhet.simulation.parallel`` runs them in long-lived worker processes. Both give the same
-results: client randomness is keyed by (seed, round, client id), and aggregation sums in float64."""
+another; ``fedhet.simulation.parallel`` runs them in long-lived worker processes on this machine and
+``fedhet.simulation.ray_executor`` in Ray actors on one machine or a cluster. All give the same
+bits: client randomness is keyed by (seed, round, client id), and every executor folds the clients'
+results in the canonical tree of ``fedhet.simulation.reduce``, whatever the number of workers."""
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +16,12 @@ from fedhet.aggregation.base import Accumulator
 from fedhet.core.algorithm import Algorithm
 from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
+from fedhet.simulation.reduce import Block, BlockFolder, aligned_blocks, combine
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
+
+#: one client's work: (client id, task, info, store entry)
+Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
 
 
 @dataclass
@@ -27,19 +35,55 @@ class RoundOutcome:
     failures: dict[int, str] = field(default_factory=dict)
 
 
-def fold(outcome: RoundOutcome, cid: int, task: ClientTask, out: Any, store: ClientStore | None) -> None:
-    """Add one client's outcome to the round (shared by every executor)."""
+def fold(outcome: RoundOutcome, acc: Accumulator, cid: int, task: ClientTask, out: Any, store: ClientStore | None) -> None:
+    """Add one client's outcome to the round: its result to ``acc``, its metrics, upload size or
+    failure to ``outcome``, its new state to ``store`` (shared by every executor)."""
     from fedhet.core.types import params_nbytes
 
     if out.error is not None:
         outcome.failures[cid] = out.error
         return
-    outcome.acc.add(cid, task, out.result)
+    acc.add(cid, task, out.result)
     outcome.metrics[cid] = dict(out.result.metrics)
     dense = params_nbytes(out.result.params) + params_nbytes(out.result.extras)
     outcome.bytes_up[cid] = out.upload_bytes if out.upload_bytes is not None else dense
     if store is not None:
         store.put(cid, out.store)
+
+
+def train_share(
+    algorithm: Algorithm[Any], world: ClientWorld, jobs: Iterable[Job], lo: int, template: Accumulator, store: ClientStore | None
+) -> tuple[RoundOutcome, dict[Block, Accumulator]]:
+    """Train a contiguous share of the round's clients, the first being leaf ``lo`` of the round's
+    canonical tree, back to back; each client's result is a leaf (``template.empty()``, left empty
+    when the client fails) folded into the share's aligned blocks. Returns the share's metrics,
+    upload sizes and failures (its ``acc`` is unused) and its blocks."""
+    outcome = RoundOutcome(template)
+    folder = BlockFolder(lo)
+    for cid, task, info, entry in jobs:
+        leaf = template.empty()
+        fold(outcome, leaf, cid, task, run_train(algorithm, world, info, task, entry), store)
+        folder.push(leaf)
+    return outcome, folder.blocks()
+
+
+def merge_share(outcome: RoundOutcome, part: RoundOutcome) -> None:
+    """Add a share's metrics, upload sizes and failures to the round's."""
+    outcome.metrics.update(part.metrics)
+    outcome.bytes_up.update(part.bytes_up)
+    outcome.failures.update(part.failures)
+
+
+def finish_round(outcome: RoundOutcome, blocks: Mapping[Block, Accumulator], n: int) -> RoundOutcome:
+    """Combine the shares' blocks into the round's accumulator (canonical order) and put the
+    per-client dictionaries in client-id order."""
+    root = combine(blocks, n)
+    if root is not None:
+        outcome.acc.merge(root)
+    outcome.metrics = {c: outcome.metrics[c] for c in sorted(outcome.metrics)}
+    outcome.bytes_up = {c: outcome.bytes_up[c] for c in sorted(outcome.bytes_up)}
+    outcome.failures = {c: outcome.failures[c] for c in sorted(outcome.failures)}
+    return outcome
 
 
 class Executor(ABC):
@@ -79,11 +123,12 @@ class SequentialExecutor(Executor):
     def train(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], acc: Accumulator
     ) -> RoundOutcome:
+        cids = sorted(tasks)
+        jobs = ((cid, tasks[cid], infos[cid], self.store.get(cid)) for cid in cids)
+        part, blocks = train_share(algorithm, self.world, jobs, 0, acc, self.store)
         outcome = RoundOutcome(acc)
-        for cid in sorted(tasks):
-            out = run_train(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid))
-            fold(outcome, cid, tasks[cid], out, self.store)
-        return outcome
+        merge_share(outcome, part)
+        return finish_round(outcome, blocks, len(cids))
 
     def evaluate(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
@@ -94,3 +139,165 @@ class SequentialExecutor(Executor):
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
     ) -> dict[int, Any]:
         return {cid: run_probe(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid), what, batch) for cid in sorted(tasks)}
+
+
+# ------------------------------------------------------------------------------ sharded executors
+
+
+def split_clients(cids: Sequence[int], weights: Sequence[float], parts: int) -> list[list[int]]:
+    """Split ``cids`` (in the given order) into ``parts`` contiguous chunks of about equal total
+    weight. Chunk ``j`` ends where the running weight is closest to ``(j + 1) / parts`` of the total;
+    every chunk is non-empty when there are at least ``parts`` clients (with fewer, one client per
+    chunk and the last chunks empty). Deterministic."""
+    n = len(cids)
+    if len(weights) != n:
+        raise ValueError(f"split_clients: {n} clients but {len(weights)} weights")
+    if parts < 1:
+        raise ValueError(f"split_clients: parts is {parts}; allowed: >= 1")
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + max(float(w), 0.0))
+    total = prefix[-1]
+    if n <= parts:  # one client per chunk, the last chunks empty
+        return [[c] for c in cids] + [[] for _ in range(parts - n)]
+    bounds = [0]
+    for j in range(1, parts):
+        lo, hi = bounds[-1] + 1, n - (parts - j)  # this chunk and each later one keep a client
+        target = total * j / parts
+        # the first boundary whose running weight reaches the target, or the one before it if closer
+        i = bisect.bisect_left(prefix, target, lo, hi + 1)
+        candidates = [k for k in (i - 1, i) if lo <= k <= hi]
+        bounds.append(min(candidates, key=lambda k: (abs(prefix[k] - target), k)))
+    bounds.append(n)
+    return [list(cids[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+class Recorder(ClientStore):
+    """Collects the store entries a worker's clients write, to send them back to the driver's
+    store (which is written only once the whole share has succeeded)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, dict[str, Any]] = {}
+
+    def get(self, cid: int) -> dict[str, Any]:
+        raise NotImplementedError("a worker's store entries come with its request")
+
+    def put(self, cid: int, state: dict[str, Any] | None) -> None:
+        self.saved[cid] = dict(state or {})
+
+    def clients(self) -> list[int]:
+        return sorted(self.saved)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return dict(self.saved)
+
+    def restore(self, snapshot: dict[int, dict[str, Any]]) -> None:
+        self.saved = dict(snapshot)
+
+
+# A request is a tuple whose first item is its kind and whose last item is its jobs:
+#   ("train", algorithm, empty accumulator, first leaf, jobs)
+#   ("eval", algorithm, jobs)
+#   ("probe", algorithm, what, batch, jobs)
+
+
+def handle_request(world: ClientWorld, request: tuple[Any, ...]) -> Any:
+    """Run a request in a worker (any process holding ``world``); the reply is what the driver's
+    ``ShardedExecutor`` merges."""
+    kind = request[0]
+    if kind == "train":
+        _, algorithm, template, lo, jobs = request
+        stores = Recorder()
+        part, blocks = train_share(algorithm, world, jobs, lo, template, stores)
+        return part, blocks, stores.saved
+    if kind == "eval":
+        _, algorithm, jobs = request
+        return {cid: run_eval(algorithm, world, info, task, store) for cid, task, info, store in jobs}
+    if kind == "probe":
+        _, algorithm, what, batch, jobs = request
+        return {cid: run_probe(algorithm, world, info, task, store, what, batch) for cid, task, info, store in jobs}
+    raise ValueError(f"unknown request {kind!r}")
+
+
+def failed_reply(request: tuple[Any, ...], reason: str) -> Any:
+    """The reply of a request whose worker could not run it: every client of the share failed with
+    ``reason`` (for training, their leaves of the canonical tree stay empty)."""
+    kind, jobs = request[0], request[-1]
+    cids = [job[0] for job in jobs]
+    errors = {cid: f"round {job[1].round}, client {cid}: {reason}" for cid, job in zip(cids, jobs)}
+    if kind == "train":
+        template, lo = request[2], request[3]
+        part = RoundOutcome(template, failures=errors)
+        return part, {block: template.empty() for block in aligned_blocks(lo, lo + len(jobs))}, {}
+    return errors
+
+
+class ShardedExecutor(Executor):
+    """An executor whose workers each run a contiguous share of the round's clients: the shares,
+    the requests and the merging of the replies, for any transport. A subclass sends the requests
+    and hands back the replies (``_call``)."""
+
+    workers: int
+
+    @abstractmethod
+    def _call(self, requests: dict[int, tuple[Any, ...]], shares: dict[int, list[int]], consume: Callable[[int, Any], None]) -> None:
+        """Run ``requests[w]`` on worker ``w`` and pass each reply to ``consume(w, reply)``."""
+
+    def _shares(self, cids: list[int], weights: list[float]) -> dict[int, list[int]]:
+        chunks = split_clients(cids, weights, self.workers)
+        return {w: chunk for w, chunk in enumerate(chunks) if chunk}
+
+    def _jobs(self, chunk: list[int], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]) -> list[Job]:
+        return [(cid, tasks[cid], infos[cid], self.store.get(cid)) for cid in chunk]
+
+    def train(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], acc: Accumulator
+    ) -> RoundOutcome:
+        outcome = RoundOutcome(acc)
+        cids = sorted(tasks)
+        if not cids:
+            return outcome
+        # +1: a client with no examples still costs a model load and an upload
+        shares = self._shares(cids, [infos[c].num_train + 1.0 for c in cids])
+        position = {cid: i for i, cid in enumerate(cids)}
+        requests = {
+            w: ("train", algorithm, acc.empty(), position[share[0]], self._jobs(share, tasks, infos)) for w, share in shares.items()
+        }
+        saved: dict[int, dict[str, Any]] = {}
+        blocks: dict[Block, Accumulator] = {}
+
+        def merge(w: int, reply: tuple[RoundOutcome, dict[Block, Accumulator], dict[int, dict[str, Any]]]) -> None:
+            part, share_blocks, stores = reply
+            merge_share(outcome, part)
+            blocks.update(share_blocks)
+            saved.update(stores)
+
+        self._call(requests, shares, merge)
+        for cid in sorted(saved):
+            self.store.put(cid, saved[cid])
+        return finish_round(outcome, blocks, len(cids))
+
+    def _gather(self, requests: dict[int, tuple[Any, ...]], shares: dict[int, list[int]], cids: list[int]) -> dict[int, Any]:
+        merged: dict[int, Any] = {}
+        self._call(requests, shares, lambda w, reply: merged.update(reply))
+        return {cid: merged[cid] for cid in cids}
+
+    def evaluate(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
+    ) -> dict[int, Metrics | str]:
+        cids = sorted(tasks)
+        if not cids:
+            return {}
+        shares = self._shares(cids, [infos[c].num_test + 1.0 for c in cids])
+        requests = {w: ("eval", algorithm, self._jobs(share, tasks, infos)) for w, share in shares.items()}
+        return self._gather(requests, shares, cids)
+
+    def probe(
+        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
+    ) -> dict[int, Any]:
+        cids = sorted(tasks)
+        if not cids:
+            return {}
+        shares = self._shares(cids, [infos[c].num_train + 1.0 for c in cids])
+        requests = {w: ("probe", algorithm, what, batch, self._jobs(share, tasks, infos)) for w, share in shares.items()}
+        return self._gather(requests, shares, cids)

@@ -5,19 +5,20 @@ On Linux they are forked, so each inherits the ``ClientWorld`` (the clients' dat
 model builder) without a copy; elsewhere they are spawned and receive it pickled once. Each worker
 keeps its world, and its cache of built models, for the whole run.
 
-Per round the clients are split into contiguous chunks of the sorted client ids, balanced by
-example count, and every worker gets ONE message: the algorithm, an empty partial accumulator
+Per round the clients are split into contiguous shares of the sorted client ids, balanced by
+example count, and every worker gets ONE message: the algorithm, an empty accumulator
 (``acc.empty()``) and, for each of its clients, the task, the ``ClientInfo`` and the store entry.
 Tasks that share one parameter dict (the global model) are pickled in that one message, so the
 global weights cross once per worker per round, not once per client. The worker runs its clients
-back to back with ``run_train``, folds them into the partial accumulator with ``fold`` (the code the
-sequential executor uses) and answers with ONE partial ``RoundOutcome`` plus the clients' new store
-entries. The main process merges the partials in worker order. The results are the same bits as
-``SequentialExecutor``'s: client randomness is keyed by (seed, round, client id), each worker runs
-with one intra-op thread, ``WeightedSum`` sums in float64 so grouping the clients does not change
-the float32 mean, and ``Collect`` only unions. (The sequential executor matches these bits when the
-main process also runs with one torch thread; with more threads some CPU kernels may round
-differently.)
+back to back with ``train_share`` (the code the sequential executor runs), which folds their
+results into the aligned blocks of the round's canonical tree (``fedhet.simulation.reduce``), and
+answers with ONE message: the share's metrics, its blocks (one partial sum when its share is an
+aligned block, at most 2 log2(n) otherwise) and the clients' new store entries. The main process
+combines every worker's blocks in the canonical order. The results are the same bits as
+``SequentialExecutor``'s for any number of workers: client randomness is keyed by (seed, round,
+client id), each worker runs with one intra-op thread, and the grouping of the partial sums does not
+depend on where the shares end. (The sequential executor matches these bits when the main process
+also runs with one torch thread; with more threads some CPU kernels may round differently.)
 
 Messages go over ``multiprocessing`` pipes; the main process waits on them with
 ``multiprocessing.connection.wait`` (no polling). Tensors travel as raw out-of-band buffers
@@ -33,7 +34,6 @@ applies: the script that starts a run must guard its entry point with ``if __nam
 
 from __future__ import annotations
 
-import bisect
 import io
 import multiprocessing as mp
 import os
@@ -49,13 +49,9 @@ from typing import Any
 
 import torch
 
-from fedhet.aggregation.base import Accumulator
-from fedhet.core.algorithm import Algorithm
-from fedhet.core.messages import ClientInfo, ClientTask
-from fedhet.core.types import Metrics
-from fedhet.simulation.executors import Executor, RoundOutcome, fold
+from fedhet.simulation.executors import ShardedExecutor, handle_request, split_clients
 from fedhet.simulation.store import ClientStore
-from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
+from fedhet.simulation.world import ClientWorld
 
 __all__ = ["ParallelExecutor", "default_workers", "split_clients"]
 
@@ -68,34 +64,6 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def split_clients(cids: Sequence[int], weights: Sequence[float], parts: int) -> list[list[int]]:
-    """Split ``cids`` (in the given order) into ``parts`` contiguous chunks of about equal total
-    weight. Chunk ``j`` ends where the running weight is closest to ``(j + 1) / parts`` of the total;
-    every chunk is non-empty when there are at least ``parts`` clients (with fewer, one client per
-    chunk and the last chunks empty). Deterministic."""
-    n = len(cids)
-    if len(weights) != n:
-        raise ValueError(f"split_clients: {n} clients but {len(weights)} weights")
-    if parts < 1:
-        raise ValueError(f"split_clients: parts is {parts}; allowed: >= 1")
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + max(float(w), 0.0))
-    total = prefix[-1]
-    if n <= parts:  # one client per chunk, the last chunks empty
-        return [[c] for c in cids] + [[] for _ in range(parts - n)]
-    bounds = [0]
-    for j in range(1, parts):
-        lo, hi = bounds[-1] + 1, n - (parts - j)  # this chunk and each later one keep a client
-        target = total * j / parts
-        # the first boundary whose running weight reaches the target, or the one before it if closer
-        i = bisect.bisect_left(prefix, target, lo, hi + 1)
-        candidates = [k for k in (i - 1, i) if lo <= k <= hi]
-        bounds.append(min(candidates, key=lambda k: (abs(prefix[k] - target), k)))
-    bounds.append(n)
-    return [list(cids[a:b]) for a, b in zip(bounds, bounds[1:])]
-
-
 # ----------------------------------------------------------------------------------------- wire
 # A message is one frame holding the buffer sizes and the pickle stream, then one frame per buffer.
 # Plain CPU tensors are pickled as numpy arrays whose data travel out of band (pickle protocol 5):
@@ -103,7 +71,7 @@ def split_clients(cids: Sequence[int], weights: Sequence[float], parts: int) -> 
 # tensor storage. Anything else (Parameters, tensors that need grad, dtypes numpy lacks) takes
 # torch's own pickling.
 
-_NUMPY_DTYPES = frozenset(
+NUMPY_DTYPES = frozenset(
     {
         torch.float64,
         torch.float32,
@@ -128,7 +96,7 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if (
             type(obj) is torch.Tensor
-            and obj.dtype in _NUMPY_DTYPES
+            and obj.dtype in NUMPY_DTYPES
             and obj.device.type == "cpu"
             and obj.layout is torch.strided
             and not obj.requires_grad
@@ -174,46 +142,6 @@ def _send(conn: Connection, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------- worker
 
 
-class _Recorder(ClientStore):
-    """Collects the store entries ``fold`` writes, to send them back to the main process's store."""
-
-    def __init__(self) -> None:
-        self.saved: dict[int, dict[str, Any]] = {}
-
-    def get(self, cid: int) -> dict[str, Any]:
-        raise NotImplementedError("a worker's store entries come with its request")
-
-    def put(self, cid: int, state: dict[str, Any] | None) -> None:
-        self.saved[cid] = dict(state or {})
-
-    def clients(self) -> list[int]:
-        return sorted(self.saved)
-
-    def snapshot(self) -> dict[int, dict[str, Any]]:
-        return dict(self.saved)
-
-    def restore(self, snapshot: dict[int, dict[str, Any]]) -> None:
-        self.saved = dict(snapshot)
-
-
-def _handle(world: ClientWorld, request: tuple[Any, ...]) -> Any:
-    kind = request[0]
-    if kind == "train":
-        _, algorithm, partial, jobs = request
-        outcome = RoundOutcome(partial)
-        stores = _Recorder()
-        for cid, task, info, store in jobs:
-            fold(outcome, cid, task, run_train(algorithm, world, info, task, store), stores)
-        return outcome, stores.saved
-    if kind == "eval":
-        _, algorithm, jobs = request
-        return {cid: run_eval(algorithm, world, info, task, store) for cid, task, info, store in jobs}
-    if kind == "probe":
-        _, algorithm, what, batch, jobs = request
-        return {cid: run_probe(algorithm, world, info, task, store, what, batch) for cid, task, info, store in jobs}
-    raise ValueError(f"unknown request {kind!r}")
-
-
 def _worker_main(index: int, conn: Connection, world: ClientWorld, inherited: list[Connection]) -> None:
     # A forked worker holds copies of the main process's ends of the earlier workers' pipes; closing
     # them lets each of those workers see the end of file when the main process goes away.
@@ -230,7 +158,7 @@ def _worker_main(index: int, conn: Connection, world: ClientWorld, inherited: li
         if request is None:
             return
         try:
-            reply: Any = ("ok", _handle(world, request))
+            reply: Any = ("ok", handle_request(world, request))
             message = _encode(reply)
         except Exception:
             message = _encode(("error", traceback.format_exc()))
@@ -363,7 +291,7 @@ def _start_method() -> str:
     return "spawn"
 
 
-class ParallelExecutor(Executor):
+class ParallelExecutor(ShardedExecutor):
     """Clients in ``workers`` long-lived single-threaded CPU processes; same results as the
     sequential executor.
 
@@ -398,65 +326,8 @@ class ParallelExecutor(Executor):
     def pids(self) -> list[int | None]:
         return [p.pid for p in self._workers.procs]
 
-    def _chunks(self, cids: list[int], weights: list[float]) -> dict[int, list[int]]:
-        chunks = split_clients(cids, weights, self.workers)
-        return {w: chunk for w, chunk in enumerate(chunks) if chunk}
-
-    def _jobs(self, chunk: list[int], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]) -> list[tuple[Any, ...]]:
-        return [(cid, tasks[cid], infos[cid], self.store.get(cid)) for cid in chunk]
-
-    def train(
-        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], acc: Accumulator
-    ) -> RoundOutcome:
-        outcome = RoundOutcome(acc)
-        cids = sorted(tasks)
-        if not cids:
-            return outcome
-        # +1: a client with no examples still costs a model load and an upload
-        chunks = self._chunks(cids, [infos[c].num_train + 1.0 for c in cids])
-        requests = {w: ("train", algorithm, acc.empty(), self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
-        saved: dict[int, dict[str, Any]] = {}
-
-        def merge(w: int, reply: tuple[RoundOutcome, dict[int, dict[str, Any]]]) -> None:
-            part, stores = reply
-            outcome.acc.merge(part.acc)
-            outcome.metrics.update(part.metrics)
-            outcome.bytes_up.update(part.bytes_up)
-            outcome.failures.update(part.failures)
-            saved.update(stores)
-
-        self._workers.call(requests, chunks, merge)
-        # the same key order as the sequential executor's (client-id order)
-        outcome.metrics = {c: outcome.metrics[c] for c in sorted(outcome.metrics)}
-        outcome.bytes_up = {c: outcome.bytes_up[c] for c in sorted(outcome.bytes_up)}
-        outcome.failures = {c: outcome.failures[c] for c in sorted(outcome.failures)}
-        for cid in sorted(saved):
-            self.store.put(cid, saved[cid])
-        return outcome
-
-    def evaluate(
-        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
-    ) -> dict[int, Metrics | str]:
-        cids = sorted(tasks)
-        if not cids:
-            return {}
-        chunks = self._chunks(cids, [infos[c].num_test + 1.0 for c in cids])
-        requests = {w: ("eval", algorithm, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
-        merged: dict[int, Metrics | str] = {}
-        self._workers.call(requests, chunks, lambda w, reply: merged.update(reply))
-        return {cid: merged[cid] for cid in cids}
-
-    def probe(
-        self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
-    ) -> dict[int, Any]:
-        cids = sorted(tasks)
-        if not cids:
-            return {}
-        chunks = self._chunks(cids, [infos[c].num_train + 1.0 for c in cids])
-        requests = {w: ("probe", algorithm, what, batch, self._jobs(chunk, tasks, infos)) for w, chunk in chunks.items()}
-        merged: dict[int, Any] = {}
-        self._workers.call(requests, chunks, lambda w, reply: merged.update(reply))
-        return {cid: merged[cid] for cid in cids}
+    def _call(self, requests: dict[int, tuple[Any, ...]], shares: dict[int, list[int]], consume: Callable[[int, Any], None]) -> None:
+        self._workers.call(requests, shares, consume)
 
     def close(self) -> None:
         self._finalizer()

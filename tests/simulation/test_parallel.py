@@ -3,113 +3,42 @@ round, and fails fast and clearly when a worker process dies."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
-import signal
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from executor_cases import (  # noqa: F401  (one_thread: an autouse fixture)
+    ALGORITHMS,
+    FailsOnClient,
+    algorithm_options,
+    assert_same_tensors,
+    comparable,
+    deadline,
+    finish,
+    make_run,
+    one_thread,
+)
 
-from fedhet.algorithms.fedavg import FedAvg
-from fedhet.core.context import ClientContext
-from fedhet.core.messages import ClientResult, ClientTask
-from fedhet.core.registry import ALGORITHMS as ALGORITHM_REGISTRY
-from fedhet.experiment.build import build_run
-from fedhet.experiment.config import load_config
+from fedhet.core.messages import ClientTask
 from fedhet.simulation import parallel
-from fedhet.simulation.loop import Run, RunResult, run_rounds
+from fedhet.simulation.loop import run_rounds
 from fedhet.simulation.parallel import ParallelExecutor, split_clients
 from fedhet.simulation.store import MemoryStore
 from fedhet.simulation.world import ClientWorld
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the tests use fork-started workers and SIGALRM")
 
-#: every registered algorithm; sub-model ones train three widths (tiers a-c)
-ALGORITHMS = ALGORITHM_REGISTRY.names()
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Workers run single-threaded; the sequential run in this process must too, or some CPU kernels
-    round differently (with 2 threads the MLP's results already differ in the last bits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging if the executor ever waits forever."""
-
-    def expired(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"no answer within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def make_run(tmp_path: Path, executor: str, algorithm: str = "fedavg", *extra: str) -> Run:
-    overrides = [
-        "rounds=3",
-        "data.dataset=synthetic",
-        "data.num_clients=7",
-        "model.name=mlp",
-        f"runtime.executor={executor}",
-        "runtime.workers=2",
-        "runtime.device=cpu",
-        "logging.progress=off",
-        f"algorithm.name={algorithm}",
-        "devices.tiers=a1-b1-c1",
-        *extra,
-    ]
-    return build_run(load_config(None, overrides), tmp_path / executor)
-
-
-def finish(run: Run) -> RunResult:
-    with deadline(60), run.executor:
-        return run_rounds(run)
-
-
-def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}/{k}")
-    else:
-        assert a == b, where
-
-
-def comparable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-
-
+@pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_parallel_matches_sequential_bit_for_bit(tmp_path: Path, algorithm: str) -> None:
-    # depth-tiered algorithms (InclusiveFL) train three depths of a three-layer MLP instead
-    extra = (
-        ("model.options={hidden: [16, 16, 16]}", "devices.tiers=[{name: a, depth: 3}, {name: b, depth: 2}, {name: c, depth: 2}]")
-        if algorithm == "inclusivefl"
-        else ("algorithm.neighbours=3", "devices.tiers=[{name: a, density: 0.5}, {name: b, density: 0.3}]")
-        if algorithm == "dispfl"
-        else ()
-    )
+def test_parallel_matches_sequential_bit_for_bit(tmp_path: Path, algorithm: str, workers: int) -> None:
+    extra = algorithm_options(algorithm)
     seq_run = make_run(tmp_path, "sequential", algorithm, *extra)
-    par_run = make_run(tmp_path, "parallel", algorithm, *extra)
-    assert isinstance(par_run.executor, ParallelExecutor) and par_run.executor.workers == 2
+    par_run = make_run(tmp_path, "parallel", algorithm, *extra, f"runtime.workers={workers}")
+    assert isinstance(par_run.executor, ParallelExecutor) and par_run.executor.workers == workers
     seq, par = finish(seq_run), finish(par_run)
 
     assert_same_tensors(seq.params, par.params, "global params")
@@ -122,21 +51,6 @@ def test_parallel_matches_sequential_bit_for_bit(tmp_path: Path, algorithm: str)
         assert len(par_store) == 7
     assert comparable(seq.history) == comparable(par.history)
     assert all(row["trained"] == 7 and row["failures"] == 0 for row in par.history)
-
-
-@dataclass(frozen=True, kw_only=True)
-class FailsOnClient(FedAvg):
-    """FedAvg whose client ``bad`` raises (or, with ``crash``, kills its own process)."""
-
-    bad: int = 2
-    crash: bool = False
-
-    def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
-        if ctx.client.id == self.bad:
-            if self.crash:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise ValueError("injected failure")
-        return super().local_update(task, ctx)
 
 
 def test_client_exception_in_a_worker_is_that_clients_failure(tmp_path: Path) -> None:
