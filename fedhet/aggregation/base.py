@@ -10,9 +10,11 @@ from fedhet.core.messages import ClientResult, ClientTask
 class Accumulator(ABC):
     """Folds client results into an aggregate.
 
-    ``add`` and ``merge`` must give the same aggregate whatever the grouping of clients into partial
-    accumulators; sums are kept in float64 so the float32 result does not depend on that grouping.
-    """
+    Executors fold a round's clients in one canonical tree (``fedhet.simulation.reduce``), so the
+    grouping never depends on placement. The one rule an accumulator must keep: adding a client to
+    it gives the same bits as merging into it an ``empty()`` accumulator to which only that client
+    was added (true of sums whose per-client term is computed exactly, as a float32 value times an
+    integer weight is in float64, and of collections)."""
 
     @abstractmethod
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None: ...

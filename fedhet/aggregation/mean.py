@@ -34,7 +34,7 @@ class WeightedSum(Accumulator):
                 # weight * value is exact in float64 (integer weights, float32 values): one rounding
                 self.sums[name].add_(value, alpha=weight)
             else:
-                self.sums[name] = value.to(torch.float64) * weight
+                self.sums[name] = value.to(torch.float64).mul_(weight)
         self.total += weight
         self.count += 1
 

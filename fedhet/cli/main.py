@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import inspect
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in str(args.config) and args.command == "run":
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
@@ -242,6 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedhet: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (``kill PID``) ends a command as Ctrl-C does: through the ``finally`` blocks that stop
+    worker processes and a Ray fedhet started (by default Python would exit without running them).
+    Returns the previous handler (None when not in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,9 @@ class RuntimeConfig(_Section):
     @model_validator(mode="after")
     def _ray_options(self) -> RuntimeConfig:
         if self.executor != "ray":
-            changed = sorted(self.ray.model_fields_set)
+            # a dumped config spells out the defaults: only a value that differs from one is refused
+            default = RayConfig()
+            changed = [k for k in RayConfig.model_fields if getattr(self.ray, k) != getattr(default, k)]
             if changed:
                 key = changed[0]
                 raise ValueError(

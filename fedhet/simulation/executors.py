@@ -55,15 +55,14 @@ def train_share(
     algorithm: Algorithm[Any], world: ClientWorld, jobs: Iterable[Job], lo: int, template: Accumulator, store: ClientStore | None
 ) -> tuple[RoundOutcome, dict[Block, Accumulator]]:
     """Train a contiguous share of the round's clients, the first being leaf ``lo`` of the round's
-    canonical tree, back to back; each client's result is a leaf (``template.empty()``, left empty
-    when the client fails) folded into the share's aligned blocks. Returns the share's metrics,
-    upload sizes and failures (its ``acc`` is unused) and its blocks."""
+    canonical tree, back to back; each client's result is a leaf (nothing, when the client fails)
+    folded into the share's aligned blocks. Returns the share's metrics, upload sizes and failures
+    (its ``acc`` is unused) and its blocks."""
     outcome = RoundOutcome(template)
-    folder = BlockFolder(lo)
+    folder = BlockFolder(lo, template)
     for cid, task, info, entry in jobs:
-        leaf = template.empty()
-        fold(outcome, leaf, cid, task, run_train(algorithm, world, info, task, entry), store)
-        folder.push(leaf)
+        out = run_train(algorithm, world, info, task, entry)
+        folder.push(lambda acc: fold(outcome, acc, cid, task, out, store))  # noqa: B023 (called at once)
     return outcome, folder.blocks()
 
 

@@ -41,9 +41,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import pickle
+import signal
 import socket
 import sys
+import threading
 import traceback
 import warnings
 import weakref
@@ -97,18 +101,21 @@ def _loopback_only(ray: Any) -> Iterator[None]:
     interfaces)."""
     from ray._private import ray_constants
 
-    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    before_env, before_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key] = "0"
+    # the processes Ray starts inherit these: no cluster address, and no usage report sent anywhere
+    settings = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    before_env = {k: os.environ.get(k) for k in settings}
+    before_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(settings)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before_flag
-        if before_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before_env
+        for k, v in before_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _check_address(address: str) -> None:
@@ -124,12 +131,32 @@ def _check_address(address: str) -> None:
         ) from None
 
 
-def connect(address: str | None, num_cpus: float) -> bool:
-    """Make sure this process is connected to Ray; True when this call connected (so ``shutdown``
-    must undo it), False when Ray was already initialized here."""
+def connect(address: str | None, num_cpus: float, runtime_env: dict[str, Any] | None = None) -> bool:
+    """Make sure this process is connected to Ray: a local Ray with ``num_cpus`` CPUs on 127.0.0.1
+    when ``address`` is None, else the cluster at ``address``; ``runtime_env`` is Ray's (environment
+    variables, a worker setup hook, ...). True when this call connected (so ``ray.shutdown`` must
+    undo it), False when Ray was already initialized here (and is used as it is)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        return _init(ray, address, num_cpus, runtime_env)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the process's SIGTERM handler with its own (which exits at once);
+    a Python handler set before (the CLI's, which ends the run through its cleanup) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray: Any, address: str | None, num_cpus: float, runtime_env: dict[str, Any] | None) -> bool:
     import logging
 
     with warnings.catch_warnings():
@@ -142,12 +169,13 @@ def connect(address: str | None, num_cpus: float) -> bool:
                     include_dashboard=False,
                     _node_ip_address="127.0.0.1",
                     logging_level=logging.WARNING,
+                    runtime_env=runtime_env,
                 )
             return True
         if address != "auto":
             _check_address(address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         except ConnectionError as err:
             raise ValueError(
                 f"runtime.ray.address: got {address!r}, but no Ray cluster could be joined there ({err}); allowed: the address of a "
@@ -157,6 +185,39 @@ def connect(address: str | None, num_cpus: float) -> bool:
 
 
 # --------------------------------------------------------------------------------------- actors
+
+
+class _SharedData:
+    """Carries a ``FederatedDataset`` into the object store with its tensors as numpy arrays, which
+    Ray stores once and every actor on a node maps read-only from shared memory instead of copying
+    (the data are only ever read: batches, subsets and transforms make new tensors)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        arrays: list[np.ndarray] = []
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj: Any) -> int | None:
+                if type(obj) is torch.Tensor and obj.dtype in NUMPY_DTYPES and obj.device.type == "cpu" and not obj.requires_grad:
+                    arrays.append(obj.detach().resolve_conj().resolve_neg().contiguous().numpy())
+                    return len(arrays) - 1
+                return None
+
+        stream = io.BytesIO()
+        Pickler(stream, protocol=5).dump(self.dataset)
+        return _load_shared_data, (stream.getvalue(), arrays)
+
+
+def _load_shared_data(blob: bytes, arrays: list[np.ndarray]) -> Any:
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> torch.Tensor:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only memory: never written
+                return torch.from_numpy(arrays[pid])
+
+    return Unpickler(io.BytesIO(blob)).load()
 
 
 @dataclass(frozen=True)
@@ -318,7 +379,7 @@ class RayExecutor(ShardedExecutor):
             self.data = mode
             self._digest = world_digest(world) if mode == "node" else None
             # the world the actors are built from: one object-store copy, or the factory
-            self._source = ray.put(world) if mode == "driver" else world_factory
+            self._source = ray.put(replace(world, dataset=_SharedData(world.dataset))) if mode == "driver" else world_factory
             self._options = {
                 "num_cpus": cpus_per_worker,
                 "num_gpus": gpus_per_worker,

@@ -17,7 +17,7 @@ whatever the number of workers and wherever the share boundaries fall.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from fedhet.aggregation.base import Accumulator
 
@@ -46,15 +46,33 @@ class BlockFolder:
     """Folds the leaves of ``[lo, hi)``, pushed in order, into ``aligned_blocks(lo, hi)``.
 
     ``push`` merges a new node into the one before it while the two are the halves of one aligned
-    block (a binary counter), so only the unfinished blocks stay in memory."""
+    block (a binary counter), so only the unfinished blocks stay in memory. A leaf that is the right
+    half of a pair whose left leaf is already here is added straight into that leaf's accumulator
+    instead of into a fresh one that would then be merged: the same bits, by the accumulator
+    contract (adding a client equals merging in an empty accumulator holding only that client), and
+    half the allocations."""
 
-    def __init__(self, lo: int) -> None:
+    def __init__(self, lo: int, template: Accumulator) -> None:
         self.next = lo
+        self.template = template
         self._stack: list[tuple[int, int, Accumulator]] = []  # (first leaf, size, partial)
 
-    def push(self, leaf: Accumulator) -> None:
-        start, size, node = self.next, 1, leaf
+    def push(self, add: Callable[[Accumulator], None]) -> None:
+        """The next leaf: ``add(acc)`` puts its client into ``acc`` (or nothing, for a client that
+        failed)."""
+        start = self.next
         self.next += 1
+        top = self._stack[-1] if self._stack else None
+        if start % 2 == 1 and top is not None and top[0] == start - 1 and top[1] == 1:
+            self._stack.pop()
+            add(top[2])
+            self._carry(start - 1, 2, top[2])
+            return
+        node = self.template.empty()
+        add(node)
+        self._carry(start, 1, node)
+
+    def _carry(self, start: int, size: int, node: Accumulator) -> None:
         while self._stack:
             s, z, left = self._stack[-1]
             if z != size or s + z != start or s % (2 * z) != 0:

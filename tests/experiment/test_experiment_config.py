@@ -1,5 +1,6 @@
 """fedhet.experiment.config: one-line errors naming field, value and what is allowed; overrides."""
 
+import re
 import pytest
 
 from fedhet.core.registry import ALGORITHMS
@@ -199,3 +200,18 @@ def test_model_and_data_option_typos_are_config_errors_before_training(tmp_path,
     msg = str(err.value)
     assert "\n" not in msg and all(n in msg for n in names)
     assert not run_dir.exists()
+
+
+def test_runtime_ray_options_are_validated_and_only_with_the_ray_executor():
+    cfg = load_config(None, ["runtime.executor=ray", "runtime.ray.workers=3", "runtime.ray.gpus_per_worker=0.25", "runtime.ray.address=10.1.2.3:6379"])
+    assert (cfg.runtime.ray.workers, cfg.runtime.ray.gpus_per_worker, cfg.runtime.ray.address) == (3, 0.25, "10.1.2.3:6379")
+    assert load_config(None, ["runtime.executor=ray", "runtime.ray.address=auto"]).runtime.ray.address == "auto"
+    with pytest.raises(ConfigError, match=r"^runtime: got ray.workers=2 with executor 'parallel'; allowed: runtime.ray only with runtime.executor=ray$"):
+        load_config(None, ["runtime.executor=parallel", "runtime.ray.workers=2"])
+    for bad in ("localhost", "ray://h:10001", "h:99999", ":6379"):
+        with pytest.raises(ConfigError, match=rf"^runtime.ray.address: got '{re.escape(bad)}', allowed: unset \(a local Ray\), auto, or HOST:PORT"):
+            load_config(None, ["runtime.executor=ray", f"runtime.ray.address={bad}"])
+    with pytest.raises(ConfigError, match=r"^runtime.ray.cpus_per_worker: got 0"):
+        load_config(None, ["runtime.executor=ray", "runtime.ray.cpus_per_worker=0"])
+    with pytest.raises(ConfigError, match=r"^runtime.ray.data: got 'remote'"):
+        load_config(None, ["runtime.executor=ray", "runtime.ray.data=remote"])

@@ -191,3 +191,31 @@ def test_a_two_node_cluster_gives_the_sequential_bits_with_data_built_on_each_no
     assert _gone(started)
     assert_same_tensors(seq.params, got.params, "global params")
     assert comparable(seq.history) == comparable(got.history)
+
+
+def test_sigterm_ends_a_cli_run_through_its_cleanup(tmp_path: Path, no_ray: None) -> None:
+    """``kill PID`` on ``fedhet run`` with a local Ray: exit 130 and every process it started gone."""
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "fedhet.cli.main", "run", "data.dataset=synthetic", "data.num_clients=4", "model.name=mlp",
+        "rounds=500", "runtime.executor=ray", "runtime.ray.workers=2", "logging.progress=lines", "--run-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        started: set[int] = set()
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the progress lines: Ray and its actors are up once round 2 ends
+            started |= _children(proc.pid)
+            if "round 2/500" in line:
+                break
+        started |= _children(proc.pid)
+        assert {Path(f"/proc/{p}/exe").resolve().name for p in started if _alive(p)} >= {"gcs_server", "raylet"}
+        proc.terminate()
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert _gone(started), sorted(p for p in started if _alive(p))

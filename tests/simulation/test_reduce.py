@@ -32,12 +32,13 @@ class Expression(Accumulator):
         self.text = other.text if not self.text else f"({self.text}+{other.text})"
 
 
-def _fold(shares: list[range], n: int, leaf=lambda i: Expression(str(i))) -> Accumulator | None:  # noqa: ANN001
+def _fold(shares: list[range], n: int, add=lambda acc, i: acc.merge(Expression(str(i))), template=None) -> Accumulator | None:  # noqa: ANN001
+    """Leaf ``i`` is ``add(acc, i)``, each share folded by its own ``BlockFolder``, then combined."""
     blocks = {}
     for share in shares:
-        folder = BlockFolder(share.start)
+        folder = BlockFolder(share.start, template or Expression())
         for i in share:
-            folder.push(leaf(i))
+            folder.push(lambda acc, i=i: add(acc, i))
         assert set(folder.blocks()) == set(aligned_blocks(share.start, share.stop))
         blocks.update(folder.blocks())
     return combine(blocks, n)
@@ -71,7 +72,7 @@ def test_every_split_into_contiguous_shares_gives_the_same_tree(n: int) -> None:
 
 
 def test_a_failed_client_is_an_empty_leaf_that_shifts_nothing() -> None:
-    root = _fold([range(3), range(3, 5)], 5, leaf=lambda i: Expression("" if i == 2 else str(i)))
+    root = _fold([range(3), range(3, 5)], 5, add=lambda acc, i: i == 2 or acc.merge(Expression(str(i))))
     assert root.text == "(((0+1)+3)+4)"  # type: ignore[union-attr]
 
 
@@ -85,15 +86,13 @@ def test_float64_sums_are_the_same_bits_on_any_split() -> None:
     values = [1e16, 1.0, -1e16, 1.0, 3.0, 1e-3, 2.5e15, -7.0, 0.1]
     n = len(values)
 
-    def leaf(i: int) -> WeightedSum:
-        acc = WeightedSum("uniform")
+    def add(acc: WeightedSum, i: int) -> None:
         acc.add_params({"w": torch.tensor([values[i]], dtype=torch.float64)}, 1.0)
-        return acc
 
     results = set()
     for cuts in [(), (1,), (4,), (2, 7), (1, 3, 5, 8)]:
         bounds = [0, *cuts, n]
-        root = _fold([range(a, b) for a, b in zip(bounds, bounds[1:])], n, leaf=leaf)
+        root = _fold([range(a, b) for a, b in zip(bounds, bounds[1:])], n, add=add, template=WeightedSum("uniform"))
         results.add(float(root.sums["w"][0]))  # type: ignore[union-attr]
     assert len(results) == 1
     left_fold = 0.0
