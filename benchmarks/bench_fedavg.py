@@ -16,6 +16,30 @@ Configurations, each run in a fresh process so that its peak memory is its own:
 - ``sequential``: fedhet through its public API (``load_config`` / ``build_run`` / ``run_rounds``),
   sequential executor, 2 threads.
 - ``parallel``: the same with ``runtime.executor=parallel, runtime.workers=2``.
+- ``ray``: the same with ``runtime.executor=ray, runtime.ray.workers=2``. The local Ray is started
+  with fedhet's own ``fedhet.simulation.ray_executor.connect`` (what the executor would call) just
+  before ``build_run``, only so that its worker processes get this script's first-step hook (a Ray
+  ``worker_process_setup_hook``); the executor uses it as it is, and it is shut down at the end.
+- ``flower``: Flower's own simulation (``flwr.simulation.run_simulation`` on its Ray backend, the
+  Message API: a ``ServerApp`` whose ``main`` runs ``flwr.serverapp.strategy.FedAvg`` and a
+  ``ClientApp`` with a ``@app.train()`` function) running exactly ``plain_pool``'s workload: the
+  same initial model, client tensors and ``plain_train`` (the node's ``partition-id`` is the client
+  index, the shuffling seed the same), every client in every round (``fraction_train=1.0``, the
+  minimum of nodes = the number of clients, no client evaluation: ``fraction_evaluate=0``),
+  Flower's example-weighted averaging (``num-examples``), 2 concurrent clients (Ray started with
+  ``num_cpus=2``, ``client_resources={"num_cpus": 1}``: 2 actors, each calling
+  ``torch.set_num_threads(1)``). The client tensors reach the Ray worker processes through a file:
+  before the clock starts they are written once to a temporary file (``torch.save``); each worker
+  process loads it on its first client (``torch.load(mmap=True)``, so the 2 workers share the pages
+  as ``plain_pool``'s forked workers share the parent's) and keeps it and its model for the rest of
+  the run. The file's path travels in the train ``ConfigRecord``. Rounds are marked by the
+  strategy's ``evaluate_fn``, which Flower calls before round 1 (server round 0: the clock starts
+  there, so round 1 includes starting Ray, and it is not timed) and after every round (no
+  centralized evaluation); a round in which any client fails raises. The final model is evaluated
+  on the test set with ``plain_evaluate`` after the simulation has ended (Ray shut down), as
+  ``plain_pool`` does after closing its pool. Ray is bound to the loopback interface
+  (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, ``_node_ip_address=127.0.0.1``), without dashboard,
+  with Flower's telemetry and Ray's usage statistics off; the same environment is set for ``ray``.
 
 Every configuration trains on the same client tensors (fedhet's ``load_federated``: the dataset
 is loaded and split before the clock starts). Reported per configuration:
@@ -25,11 +49,14 @@ is loaded and split before the clock starts). Reported per configuration:
   baselines do not do (client evaluation is off; global evaluation and the checkpoint happen in the
   last round only, with ``eval.every`` and ``runtime.checkpoint_every`` above the round count).
 - ``first_step_s``: from the start (fedhet: just before ``build_run``, so it includes starting the
-  workers; plain pool: just before creating the pool) until the first client's first local step
-  (the first mini-batch drawn, timestamped by a hook this script installs in every process).
+  workers; plain pool: just before creating the pool; flower: just before ``run_simulation``, so
+  it includes starting Ray) until the first client's first local step (the first mini-batch
+  drawn, timestamped by a hook this script installs in every process).
 - ``round_cpu_s``: CPU seconds (user + system) per timed round, summed over the main process and
-  its workers; less sensitive than wall time to other load on the machine (reported as
-  ``other load``: CPU the rest of the machine used during the measurement, in cores).
+  its workers (for ``ray`` and ``flower``, whose processes Ray starts: over every process under
+  the configuration's main process, Ray's daemons included, plus the children they have reaped);
+  less sensitive than wall time to other load on the machine (reported as ``other load``: CPU the
+  rest of the machine used during the measurement, in cores).
 - memory, all over the measured phase (from just after the data are loaded; every process's
   high-water mark is restarted there, because decoding CIFAR-10 briefly holds the whole training
   set in every configuration alike; ``peak RSS incl. data loading`` keeps that transient):
@@ -38,6 +65,16 @@ is loaded and split before the clock starts). Reported per configuration:
   ``peak PSS`` is the largest sampled sum of proportional set sizes (each shared page split between
   the processes sharing it), sampled every 0.25 s.
 
+Memory and process counts cover the whole process tree under the configuration's main process:
+Ray's daemons (``gcs_server``, ``raylet``, its agents) and workers are started by the process that
+starts Ray, so they are in it (the per-run line lists the processes seen, by name). For ``ray``
+and ``flower`` the configuration's main process is also a child subreaper (Linux): Ray's workers
+can outlive its raylet at shutdown, and are then adopted by it (not by init) and reaped at the
+end; it then checks that no process of the configuration is left over (killing and reporting any).
+Ray's raylet ignores SIGCHLD, so the CPU time of the workers it started never reaches the rusage
+of any process that waits: for ``other load`` the driver takes the larger of the tree's rusage and
+the sum of every tree process's CPU time as last sampled from ``/proc`` (every 0.25 s).
+
 Each configuration is measured ``--repeats`` times, interleaved, and the table keeps its fastest
 run: on a shared machine other load only ever adds time.
 
@@ -45,8 +82,10 @@ Usage::
 
     python benchmarks/bench_fedavg.py --data /path/to/data            # or FEDHET_DATA=/path/to/data
     python benchmarks/bench_fedavg.py --settings 20x500 --configs plain_loop,sequential
+    python benchmarks/bench_fedavg.py --settings 20x500 --configs plain_pool,flower
 
-Needs Linux (``/proc`` for the memory of the process tree, ``fork`` for the pools).
+Needs Linux (``/proc`` for the memory of the process tree, ``fork`` for the pools); ``flower``
+needs ``flwr[simulation]``, ``ray`` needs Ray.
 """
 
 from __future__ import annotations
@@ -62,7 +101,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("plain_loop", "plain_pool", "sequential", "parallel")
+CONFIGS = ("plain_loop", "plain_pool", "sequential", "parallel", "ray", "flower")
+RAY_CONFIGS = ("ray", "flower")  # their worker processes are started by Ray, not by this script
 SETTINGS = ("20x500", "100x100")
 ROUNDS = 3
 LR = 0.05
@@ -102,31 +142,52 @@ def first_stamp() -> float | None:
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc (10 ms resolution)."""
+def process_cpu(pid: int, reaped: bool = False) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (10 ms resolution); with
+    ``reaped``, plus what its children that it has waited for used."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        ticks = int(fields[11]) + int(fields[12])
+        if reaped:
+            ticks += int(fields[13]) + int(fields[14])
+        return ticks / _TICKS
     except (OSError, IndexError, ValueError):
         return 0.0
 
 
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and every process under it, including processes
+    that have already ended and been waited for (their time moves to the parent that reaped them,
+    so the sum does not drop when a worker ends)."""
+    import resource
+
+    me = os.getpid()
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    others = sum(process_cpu(p, reaped=True) for p in _tree(me) if p != me)
+    return time.process_time() + reaped.ru_utime + reaped.ru_stime + others
+
+
 class RoundClock:
-    """Wall and CPU time per round; CPU summed over this process and its worker processes.
+    """Wall and CPU time per round; CPU summed over this process and its worker processes (the
+    pids given to ``start``) or, with ``tree``, over the whole process tree under this process
+    (for configurations whose workers are started by Ray, not by this script).
 
     ``t0`` (creation) is where first-step latency is counted from. ``excluded`` brackets work that
     the plain baselines do not do (fedhet's global evaluation and checkpoint), subtracted from the
     round it falls in.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tree: bool = False) -> None:
         self.t0 = time.time()
+        self.tree = tree
         self.pids: list[int] = []
         self.marks: list[tuple[float, float]] = []
         self.skip: dict[int, list[float]] = {}
 
     def cpu(self) -> float:
+        if self.tree:
+            return tree_cpu()
         return time.process_time() + sum(process_cpu(p) for p in self.pids)
 
     def start(self, pids: Any = ()) -> None:
@@ -185,6 +246,7 @@ def fedhet_config(data: str, clients: int, samples: int, executor: str) -> Any:
         f"local.lr={LR}",
         f"runtime.executor={executor}",
         f"runtime.workers={WORKERS}",
+        *([f"runtime.ray.workers={WORKERS}"] if executor == "ray" else []),
         f"runtime.threads={THREADS}",
         "runtime.device=cpu",
         f"runtime.checkpoint_every={ROUNDS + 1}",
@@ -281,7 +343,7 @@ class PlainAverage:
         return {k: v / self.total for k, v in self.sums.items()}
 
 
-def run_plain_loop(fed: Any, clock: RoundClock) -> None:
+def run_plain_loop(fed: Any, clock: RoundClock) -> float:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -294,7 +356,7 @@ def run_plain_loop(fed: Any, clock: RoundClock) -> None:
             avg.add(plain_train(model, state, d.x, d.y, seed=rnd * 100_003 + cid), len(d))
         state = avg.mean()
         clock.round_end(rnd)
-    plain_evaluate(model, state, fed.test)
+    return plain_evaluate(model, state, fed.test)
 
 
 _POOL_DATA: Any = None
@@ -315,7 +377,7 @@ def _pool_task(args: tuple[dict[str, Any], int, int]) -> tuple[dict[str, Any], i
     return plain_train(_POOL_MODEL, state, d.x, d.y, seed=rnd * 100_003 + cid), len(d)
 
 
-def run_plain_pool(fed: Any, clock: RoundClock) -> None:
+def run_plain_pool(fed: Any, clock: RoundClock) -> float:
     import multiprocessing as mp
 
     import torch
@@ -333,16 +395,16 @@ def run_plain_pool(fed: Any, clock: RoundClock) -> None:
                 avg.add(client_state, n)
             state = avg.mean()
             clock.round_end(rnd)
-    plain_evaluate(plain_model(), state, fed.test)
+    return plain_evaluate(plain_model(), state, fed.test)
 
 
 # ------------------------------------------------------------------------------------ fedhet
 
 
-def run_fedhet(fed: Any, data: str, clients: int, samples: int, executor: str, clock: RoundClock) -> None:
+def install_stamp_hook() -> None:
+    """Make this process stamp its first mini-batch (``ArrayDataset.batches``, which every fedhet
+    client trains from). Forked workers inherit it; Ray's actors run it as their setup hook."""
     from fedhet.data.base import ArrayDataset
-    from fedhet.experiment.build import build_run
-    from fedhet.simulation import loop
 
     batches = ArrayDataset.batches
 
@@ -351,18 +413,217 @@ def run_fedhet(fed: Any, data: str, clients: int, samples: int, executor: str, c
             stamp_first_step()
             yield batch
 
-    ArrayDataset.batches = stamped_batches  # type: ignore[method-assign]  # forked workers inherit it
+    ArrayDataset.batches = stamped_batches  # type: ignore[method-assign]
+
+
+def run_fedhet(fed: Any, data: str, clients: int, samples: int, executor: str, clock: RoundClock) -> None:
+    from fedhet.experiment.build import build_run
+    from fedhet.simulation import loop
+
+    install_stamp_hook()
     # the loop looks these up at call time; the baselines do neither
     loop.evaluate_round = clock.excluded(loop.evaluate_round)  # type: ignore[assignment]
     loop.save_checkpoint = clock.excluded(loop.save_checkpoint)  # type: ignore[assignment]
 
     cfg = fedhet_config(data, clients, samples, executor)
-    with tempfile.TemporaryDirectory() as run_dir:
-        run = build_run(cfg, Path(run_dir), dataset=fed)
-        run.on_round = lambda rnd, row: clock.round_end(rnd)
-        with run.executor:
-            clock.start(getattr(run.executor, "pids", ()))
-            loop.run_rounds(run)
+    started = False
+    if executor == "ray":
+        # the local Ray fedhet would start, started here (after the clock's t0) so that its actors
+        # get the stamp hook; the executor uses it as it is, and it is shut down below
+        from fedhet.simulation.ray_executor import connect
+
+        started = connect(None, WORKERS, runtime_env={"worker_process_setup_hook": install_stamp_hook})
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            run = build_run(cfg, Path(run_dir), dataset=fed)
+            run.on_round = lambda rnd, row: clock.round_end(rnd)
+            with run.executor:
+                clock.start(getattr(run.executor, "pids", ()))
+                loop.run_rounds(run)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------ flower
+
+
+def ray_environment() -> None:
+    """Environment for the configurations that start Ray (set before Ray or Flower is imported, and
+    inherited by Ray's processes): Ray bound to the loopback interface, no usage statistics, no
+    Flower telemetry (nothing leaves the machine)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # ray's node IP: the loopback address
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+
+
+def save_client_tensors(fed: Any, folder: str) -> str:
+    """Write every client's training tensors to one file (for ``flower``'s Ray workers), before the
+    clock starts; returns its path."""
+    import torch
+
+    path = os.path.join(folder, "clients.pt")
+    torch.save({"x": [d.x for d in fed.clients_train], "y": [d.y for d in fed.clients_train]}, path)
+    return path
+
+
+_FLOWER_WORKER: dict[str, Any] = {}
+
+
+def flower_worker(path: str) -> tuple[Any, dict[str, list[Any]]]:
+    """This Ray worker process's model and client tensors, set up on its first client: one intra-op
+    thread (as ``plain_pool``'s workers), the tensors memory-mapped from ``path``."""
+    if _FLOWER_WORKER.get("path") != path:
+        import torch
+
+        torch.set_num_threads(1)
+        _FLOWER_WORKER.update(path=path, model=plain_model(), data=torch.load(path, mmap=True, weights_only=True))
+    return _FLOWER_WORKER["model"], _FLOWER_WORKER["data"]
+
+
+def flower_train(msg: Any, context: Any) -> Any:
+    """The ``ClientApp``'s train function: ``plain_pool``'s client step on the client whose index is
+    this node's partition id, replying with the new state and its number of examples (Flower's
+    weight for the average)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    config = msg.content["config"]
+    model, data = flower_worker(str(config["data"]))
+    cid = int(context.node_config["partition-id"])
+    rnd = int(config["server-round"])
+    x, y = data["x"][cid], data["y"][cid]
+    state = plain_train(model, msg.content["arrays"].to_torch_state_dict(), x, y, seed=rnd * 100_003 + cid)
+    reply = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": len(y)})})
+    return Message(reply, reply_to=msg)
+
+
+def run_flower(fed: Any, data_file: str, clock: RoundClock) -> float:
+    import importlib
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    torch.set_num_threads(THREADS)
+    clients = len(fed.clients_train)
+    # The ClientApp is pickled to the Ray workers: its train function must come from a module they
+    # can import (this file runs as __main__, whose functions would be pickled by value, with a new
+    # copy of the per-process cache every time). Flower passes this process's sys.path to them.
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    bench = importlib.import_module(Path(__file__).stem)
+    client_app = ClientApp()
+    client_app.train()(bench.flower_train)
+
+    class CheckedFedAvg(FedAvg):
+        """Flower's FedAvg, refusing a round in which a client failed or did not reply (Flower
+        would average the others)."""
+
+        def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            replies = list(replies)
+            failed = [m.error.reason for m in replies if m.has_error()]
+            if failed or len(replies) != clients:
+                raise RuntimeError(
+                    f"flower round {server_round}: {len(replies)} replies of {clients}, failures: {failed}"
+                )
+            return super().aggregate_train(server_round, replies)
+
+    def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower's evaluate_fn: called before round 1 (server round 0) and after every round
+        if server_round == 0:
+            clock.start()
+        else:
+            clock.round_end(server_round)
+        return None
+
+    final: dict[str, ArrayRecord] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = CheckedFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=clients,
+            min_available_nodes=clients,
+        )
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(plain_model().state_dict()),
+            num_rounds=ROUNDS,
+            train_config=ConfigRecord({"data": data_file}),
+            evaluate_fn=on_round,
+        )
+        final["arrays"] = result.arrays
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=clients,
+        backend_name="ray",
+        backend_config={
+            "init_args": {"num_cpus": WORKERS, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        },
+    )
+    if len(clock.marks) != ROUNDS + 1 or "arrays" not in final:
+        raise RuntimeError(f"flower: {len(clock.marks) - 1} rounds marked, expected {ROUNDS}")
+    return plain_evaluate(plain_model(), final["arrays"].to_torch_state_dict(), fed.test)
+
+
+def become_subreaper() -> None:
+    """Make this process adopt its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    Ray's workers are children of its raylet; when Ray shuts down they can outlive it, and an
+    orphan would otherwise be adopted by init: gone from this process's tree (its memory, CPU and
+    leftover check) and its CPU time never reported to the driver, which would count it as other
+    load. Adopted here, they stay in the tree and ``end_leftovers`` reaps them.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def end_leftovers(name: str, wait: float = 10.0) -> None:
+    """Wait (up to ``wait`` seconds) for every process under this one to end, reaping the ones
+    this process adopted (so their CPU time reaches the driver's accounts); kill and report any
+    left over (a configuration that starts Ray must shut it down)."""
+    import signal
+
+    def reap() -> None:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+    me = os.getpid()
+    deadline = time.time() + wait
+    while True:
+        reap()
+        # until the tree is empty, zombies included: one reaped late would take its CPU time along
+        if not [p for p in _tree(me) if p != me] or time.time() >= deadline:
+            break
+        time.sleep(0.2)
+    left = [p for p in _tree(me) if p != me and not _zombie(p)]
+    if left:
+        print(f"bench_fedavg: {name} left processes running: {_names(left)}; killing them", file=sys.stderr)
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.5)
+        reap()
 
 
 # ------------------------------------------------------------------------------ child process
@@ -383,14 +644,27 @@ def reset_peak_rss() -> None:
 
 
 def child(args: argparse.Namespace) -> None:
-    import gc
-
+    """One measurement of one configuration, in its own process; prints a ``RESULT`` line."""
+    if args.child in RAY_CONFIGS:
+        ray_environment()  # before anything can import Ray (it reads the environment on import)
+        become_subreaper()
     clients, samples = (int(v) for v in args.setting.split("x"))
     try:
         fed = load_clients(args.data, clients, samples)
     except (OSError, ValueError) as err:
         print(f"bench_fedavg: cannot load CIFAR-10 from {args.data!r}: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        # flower's Ray workers read the client tensors from a file, written here, before the clock
+        data_file = save_client_tensors(fed, tmp) if args.child == "flower" else ""
+        child_measured(args, fed, clients, samples, data_file)
+
+
+def child_measured(args: argparse.Namespace, fed: Any, clients: int, samples: int, data_file: str) -> None:
+    """The measured phase: from just after the data are loaded (and, for flower, written to
+    ``data_file``) to the final evaluation."""
+    import gc
+
     gc.collect()
     # Peak memory of the measured phase: the high-water mark restarts here (loading CIFAR-10 briefly
     # holds the whole decoded training set, the same in every configuration).
@@ -399,13 +673,18 @@ def child(args: argparse.Namespace) -> None:
     phase = os.environ.get(_PHASE_FILE)
     if phase:
         Path(phase).touch()
-    clock = RoundClock()
+    clock = RoundClock(tree=args.child in RAY_CONFIGS)
+    accuracy = None
     if args.child == "plain_loop":
-        run_plain_loop(fed, clock)
+        accuracy = run_plain_loop(fed, clock)
     elif args.child == "plain_pool":
-        run_plain_pool(fed, clock)
+        accuracy = run_plain_pool(fed, clock)
+    elif args.child == "flower":
+        accuracy = run_flower(fed, data_file, clock)
     else:
         run_fedhet(fed, args.data, clients, samples, args.child, clock)
+    if args.child in RAY_CONFIGS:
+        end_leftovers(args.child)
     wall, cpu, skipped = clock.rounds()
     first = first_stamp()
     result = {
@@ -415,6 +694,7 @@ def child(args: argparse.Namespace) -> None:
         "rounds_cpu_s": cpu,
         "excluded_s": skipped,
         "first_step_s": (first - clock.t0) if first is not None else None,
+        "accuracy": accuracy,
         "self_hwm_load_mb": load_hwm / 1024,
         "self_hwm_rounds_mb": status_kb("VmHWM") / 1024,
     }
@@ -438,6 +718,31 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _comm(pid: int) -> str | None:
+    """A process's name (``/proc/PID/comm``; Ray's workers rename themselves ``ray::...``)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _names(pids: Any) -> str:
+    """``2x raylet, 1x python`` for the given processes (or names)."""
+    from collections import Counter
+
+    counts = Counter(p if isinstance(p, str) else (_comm(p) or "?") for p in pids)
+    return ", ".join(f"{n}x {name}" for name, n in counts.most_common())
+
+
 def _kb(path: str, key: str) -> int | None:
     try:
         with open(path) as f:
@@ -451,8 +756,8 @@ def _kb(path: str, key: str) -> int | None:
 
 class MemoryWatch(threading.Thread):
     """Samples the process tree under ``pid`` every ``interval`` seconds: each process's VmHWM
-    (kept at its last value, which only grows) and the tree's summed PSS (kept at its peak, overall
-    and after ``phase`` exists)."""
+    (kept at its last value, which only grows) and name, and the tree's summed PSS (kept at its
+    peak, overall and after ``phase`` exists)."""
 
     def __init__(self, pid: int, phase: str, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -460,6 +765,9 @@ class MemoryWatch(threading.Thread):
         self.phase = phase
         self.interval = interval
         self.hwm: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        #: each process's own CPU seconds, as last seen
+        self.cpu: dict[int, float] = {}
         self.peak_pss = 0
         self.peak_pss_rounds = 0
         self.stop = threading.Event()
@@ -471,6 +779,10 @@ class MemoryWatch(threading.Thread):
             hwm = _kb(f"/proc/{p}/status", "VmHWM")
             if hwm is not None:
                 self.hwm[p] = max(self.hwm.get(p, 0), hwm)
+            name = _comm(p)
+            if name is not None:
+                self.names[p] = name
+            self.cpu[p] = max(self.cpu.get(p, 0.0), process_cpu(p))
             pss_total += _kb(f"/proc/{p}/smaps_rollup", "Pss") or 0
         self.peak_pss = max(self.peak_pss, pss_total)
         if rounds:
@@ -536,6 +848,7 @@ def measure(config: str, setting: str, data: str) -> dict[str, Any]:
     # restart at the measured phase); its workers live only in the measured phase
     workers = sum(v for p, v in watch.hwm.items() if p != proc.pid) / 1024
     result["processes"] = 1 + sum(1 for p in watch.hwm if p != proc.pid)
+    result["process_names"] = _names(watch.names.values())
     result["peak_rss_mb"] = result["self_hwm_rounds_mb"] + workers
     result["peak_rss_with_load_mb"] = max(result["self_hwm_load_mb"], result["self_hwm_rounds_mb"]) + workers
     result["peak_pss_mb"] = watch.peak_pss_rounds / 1024
@@ -546,9 +859,11 @@ def measure(config: str, setting: str, data: str) -> dict[str, Any]:
     # CPU the rest of the machine used meanwhile (other processes, the hypervisor): the benchmark's
     # wall times are only comparable when this is near 0
     # (this driver's own sampling counts as ours)
-    own = sum(
-        (a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime) for a, b in ((after, before), (me_after, me_before))
-    )
+    reaped = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    mine = (me_after.ru_utime + me_after.ru_stime) - (me_before.ru_utime + me_before.ru_stime)
+    # Ray's raylet ignores SIGCHLD, so its workers' CPU never reaches the rusage of the processes
+    # that waited: for the tree's CPU take the larger of that and the sum sampled from /proc
+    own = mine + max(reaped, sum(watch.cpu.values()))
     result["other_load_cores"] = max(0.0, (busy1 - busy0) - own) / wall + (steal1 - steal0) / wall
     return result
 
@@ -577,16 +892,23 @@ def table(results: list[dict[str, Any]]) -> str:
             ("parallel", "plain_pool", "CPU time", "round_cpu_s", None),
             ("parallel", "plain_pool", "memory (PSS)", "peak_pss_mb", None),
             ("parallel", "sequential", "time", "round_s", None),
+            ("ray", "parallel", "time", "round_s", 1.10),
+            ("ray", "flower", "time", "round_s", {"20x500": 0.9, "100x100": 0.7}.get(setting)),
+            ("flower", "plain_loop", "time", "round_s", None),
+            ("ray", "parallel", "memory (PSS)", "peak_pss_mb", None),
+            ("ray", "parallel", "memory (summed RSS)", "peak_rss_mb", None),
         ]
         for a, b, what, key, target in pairs:
             if (setting, a) in by and (setting, b) in by:
                 ratio = by[setting, a][key] / by[setting, b][key]
                 verdict = "" if target is None else f" (target <= {target}x: {'met' if ratio <= target else 'MISSED'})"
                 ratios.append(f"- {setting}: {a} / {b} {what}: {ratio:.3f}x{verdict}")
-        for config in ("sequential", "parallel"):
+        for config in ("sequential", "parallel", "ray", "flower"):
             if (setting, config) in by and by[setting, config]["first_step_s"] is not None:
                 s = by[setting, config]["first_step_s"]
-                ratios.append(f"- {setting}: {config} first client step after {s:.2f} s (target < 2 s: {'met' if s < 2 else 'MISSED'})")
+                target = config in ("sequential", "parallel")  # ray and flower: reported only
+                verdict = f" (target < 2 s: {'met' if s < 2 else 'MISSED'})" if target else ""
+                ratios.append(f"- {setting}: {config} first client step after {s:.2f} s{verdict}")
     return "\n".join(lines + [""] + ratios)
 
 
@@ -634,16 +956,18 @@ def main() -> None:
                 for attempt in range(args.retries + 1):
                     wait_until_quiet(args.quiet_wait)
                     r = measure(config, setting, args.data)
-                    if r["other_load_cores"] <= 0.3:
+                    if r["other_load_cores"] <= 0.3 or attempt == args.retries:
                         break
                     print(f"{setting} {config}: other load {r['other_load_cores']:.2f} cores, measuring again", flush=True)
                 r["repeat"] = repeat
                 every.append(r)
+                first = f"{r['first_step_s']:.2f} s" if r["first_step_s"] is not None else "n/a"
+                accuracy = f", test accuracy {r['accuracy']:.4f}" if r.get("accuracy") is not None else ""
                 print(
                     f"{setting} {config} (run {repeat + 1}): rounds {[round(t, 2) for t in r['rounds_s']]} s, "
-                    f"CPU {[round(t, 2) for t in r['rounds_cpu_s']]} s, first step {r['first_step_s']:.2f} s, "
+                    f"CPU {[round(t, 2) for t in r['rounds_cpu_s']]} s, first step {first}, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MB, peak PSS {r['peak_pss_mb']:.0f} MB, "
-                    f"other load {r['other_load_cores']:.2f} cores",
+                    f"other load {r['other_load_cores']:.2f} cores{accuracy}\n  processes: {r['process_names']}",
                     flush=True,
                 )
                 if r["other_load_cores"] > 0.3:
