@@ -188,9 +188,10 @@ def _init(ray: Any, address: str | None, num_cpus: float, runtime_env: dict[str,
 
 
 class _SharedData:
-    """Carries a ``FederatedDataset`` into the object store with its tensors as numpy arrays, which
-    Ray stores once and every actor on a node maps read-only from shared memory instead of copying
-    (the data are only ever read: batches, subsets and transforms make new tensors)."""
+    """Carries the driver's ``FederatedDataset`` into the object store with its tensors as numpy
+    arrays, which Ray stores once and every actor on a node maps read-only from shared memory instead
+    of copying (tensors pickled the ordinary way would be copied into every actor). The data are only
+    ever read: batches, subsets and transforms make new tensors."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
