@@ -92,16 +92,26 @@ def _tensor_from_array(array: Any) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def as_array(obj: Any) -> Any:
+    """A plain dense CPU tensor as a numpy array sharing its memory (copied only when not
+    contiguous), which pickle protocol 5 and Ray's object store carry out of band; ``None`` for
+    anything else (Parameters, tensors that need grad, dtypes numpy lacks, other objects)."""
+    if (
+        type(obj) is torch.Tensor
+        and obj.dtype in NUMPY_DTYPES
+        and obj.device.type == "cpu"
+        and obj.layout is torch.strided
+        and not obj.requires_grad
+    ):
+        return obj.detach().resolve_conj().resolve_neg().contiguous().numpy()
+    return None
+
+
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        if (
-            type(obj) is torch.Tensor
-            and obj.dtype in NUMPY_DTYPES
-            and obj.device.type == "cpu"
-            and obj.layout is torch.strided
-            and not obj.requires_grad
-        ):
-            return _tensor_from_array, (obj.detach().resolve_conj().resolve_neg().contiguous().numpy(),)
+        array = as_array(obj)
+        if array is not None:
+            return _tensor_from_array, (array,)
         return NotImplemented
 
 

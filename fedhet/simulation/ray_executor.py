@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from fedhet.simulation.executors import ShardedExecutor, failed_reply, handle_request
-from fedhet.simulation.parallel import NUMPY_DTYPES
+from fedhet.simulation.parallel import as_array
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.world import ClientWorld
 
@@ -201,10 +201,11 @@ class _SharedData:
 
         class Pickler(pickle.Pickler):
             def persistent_id(self, obj: Any) -> int | None:
-                if type(obj) is torch.Tensor and obj.dtype in NUMPY_DTYPES and obj.device.type == "cpu" and not obj.requires_grad:
-                    arrays.append(obj.detach().resolve_conj().resolve_neg().contiguous().numpy())
-                    return len(arrays) - 1
-                return None
+                array = as_array(obj)
+                if array is None:
+                    return None
+                arrays.append(array)
+                return len(arrays) - 1
 
         stream = io.BytesIO()
         Pickler(stream, protocol=5).dump(self.dataset)
@@ -230,13 +231,7 @@ class _Shared:
 
 def _to_arrays(params: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Numpy arrays where possible: Ray reads them from shared memory without a copy."""
-    out: dict[str, Any] = {}
-    for name, t in params.items():
-        if type(t) is torch.Tensor and t.dtype in NUMPY_DTYPES and t.device.type == "cpu" and not t.requires_grad:
-            out[name] = t.detach().resolve_conj().resolve_neg().contiguous().numpy()
-        else:
-            out[name] = t
-    return out
+    return {name: a if (a := as_array(t)) is not None else t for name, t in params.items()}
 
 
 def _from_arrays(values: dict[str, Any]) -> dict[str, torch.Tensor]:
