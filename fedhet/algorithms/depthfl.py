@@ -34,11 +34,10 @@ from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import server_step
 from fedhet.algorithms.feddyn import dyn_server, dyn_terms, dyn_update
 from fedhet.algorithms.heterofl import HeteroFL, SubmodelState
-from fedhet.core.algorithm import ServerSetup, load_params, model_params, trainable_names
+from fedhet.core.algorithm import ClientStatistics, ServerSetup, load_params, model_params, trainable_names
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
-from fedhet.data.base import ArrayDataset
 from fedhet.data.tasks import IGNORE, Task
 from fedhet.submodel.family import ModelFamily, size_config
 from fedhet.submodel.spec import CoverageSum, depth_spec
@@ -199,7 +198,7 @@ class DepthFL(HeteroFL):
             out[f"exit_{i}"] = (spec.extract(state.params), {**single, "depth": i})
         return out
 
-    def eval_model(self, model: nn.Module, calibration: ArrayDataset) -> nn.Module:
+    def eval_model(self, model: nn.Module, clients: ClientStatistics) -> nn.Module:
         return ExitMean(model)
 
     # -- client -----------------------------------------------------------------------------------

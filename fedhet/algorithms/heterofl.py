@@ -27,12 +27,11 @@ from torch import nn
 from fedhet.aggregation.base import Accumulator
 from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import FedAvg, ServerState, server_step
-from fedhet.core.algorithm import ServerSetup, load_params, model_params
+from fedhet.core.algorithm import ClientStatistics, ServerSetup, load_params, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params, config_key
-from fedhet.data.base import ArrayDataset
-from fedhet.models.layers import with_static_bn
+from fedhet.models.layers import with_bn_sums, with_static_bn
 from fedhet.submodel.family import ModelFamily, size_config
 from fedhet.submodel.spec import WIDTH_MODES, CoverageSum, SubmodelSpec
 from fedhet.training.local import evaluate, train
@@ -76,7 +75,7 @@ def label_mask(info: ClientInfo, num_classes: int) -> torch.Tensor:
     return torch.tensor([c > 0 for c in info.label_counts], dtype=torch.bool)
 
 
-def masked_cross_entropy(labels: torch.Tensor):  # noqa: ANN201
+def masked_cross_entropy(labels: torch.Tensor):
     """Cross-entropy with the logits of classes outside ``labels`` set to 0 (HeteroFL's masked CE)."""
 
     def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,8 +167,9 @@ class HeteroFL(FedAvg):
             out[width_name(config)] = (spec.extract(state.params), config)
         return out
 
-    def eval_model(self, model: nn.Module, calibration: ArrayDataset) -> nn.Module:
-        return with_static_bn(model, calibration) if self.static_bn else model
+    def eval_model(self, model: nn.Module, clients: ClientStatistics) -> nn.Module:
+        """With static BN, the model with BatchNorm statistics summed over every client's training data."""
+        return with_bn_sums(model, clients.total("bn_sums")) if self.static_bn else model
 
     # -- client -----------------------------------------------------------------------------------
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
@@ -189,7 +189,8 @@ class HeteroFL(FedAvg):
         statistics from its own training data."""
         model = ctx.build_model(task.config)
         load_params(model, task.params)
-        model = self.eval_model(model, ctx.train)
+        if self.static_bn:
+            model = with_static_bn(model, ctx.train)
         if self.masked_ce:
             return evaluate(model, ctx.test, device=ctx.device, loss_fn=masked_cross_entropy(task.extras[LABELS]), mask=task.extras[LABELS])
         return evaluate(model, ctx.test, device=ctx.device)

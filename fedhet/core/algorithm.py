@@ -10,6 +10,7 @@ nothing is kept on ``self``. ``local_update`` runs on a client and never sees ``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Generic, TypeVar
@@ -21,10 +22,21 @@ from fedhet.aggregation.base import Accumulator, Collect
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
-from fedhet.data.base import ArrayDataset
+from fedhet.models.layers import bn_sums
 from fedhet.training.local import LocalTraining, evaluate, probe_model
 
 S = TypeVar("S")
+
+
+class ClientStatistics(ABC):
+    """Sums over the clients of what each computes from its own training data for one model (a
+    federated query: only the sums leave the clients). The round loop provides it to
+    ``Algorithm.eval_model``; the same query runs on every executor and on Flower nodes."""
+
+    @abstractmethod
+    def total(self, what: str) -> torch.Tensor:
+        """The sum over every client that answers of ``Algorithm.probe(task, ctx, what)`` (e.g.
+        ``bn_sums``) for this model."""
 
 
 class ClientError(RuntimeError):
@@ -96,10 +108,10 @@ class Algorithm(Generic[S]):
         """Models to evaluate on the global test set, by name (e.g. one per width)."""
         return {}
 
-    def eval_model(self, model: nn.Module, calibration: ArrayDataset) -> nn.Module:
-        """The model to evaluate for a global eval target, given the loaded ``model`` and the pooled
-        training data (``calibration``) for statistics the server may compute (HeteroFL's static BN).
-        Default: ``model`` itself."""
+    def eval_model(self, model: nn.Module, clients: ClientStatistics) -> nn.Module:
+        """The model to evaluate for a global eval target, given the loaded ``model`` and ``clients``,
+        which answers questions about the clients' training data for this model (HeteroFL's static BN
+        statistics): a federated query, each client answering from its own data. Default: ``model``."""
         return model
 
     def configure_eval(self, state: S, rnd: int, clients: Sequence[ClientInfo]) -> dict[int, ClientTask]:
@@ -125,11 +137,14 @@ class Algorithm(Generic[S]):
         return evaluate(model, ctx.test, device=ctx.device)
 
     def probe(self, task: ClientTask, ctx: ClientContext, what: str, batch: int | None = None) -> torch.Tensor:
-        """What a selector may ask a candidate before the round (``what``: ``loss`` or ``grad`` of the
-        model the task would give it, on its training data or a ``batch`` of it; see
-        :func:`fedhet.training.local.probe_model`). Default: the task's model as sent."""
+        """What the server may ask a client about the task's model on the client's training data:
+        a selector, before the round, the ``loss`` or ``grad`` (on all of it or a ``batch`` of it; see
+        :func:`fedhet.training.local.probe_model`); evaluation, the client's share of static BatchNorm
+        statistics (``bn_sums``, :func:`fedhet.models.layers.bn_sums`). Default: the task's model as sent."""
         model = ctx.build_model(task.config)
         load_params(model, task.params)
+        if what == "bn_sums":
+            return bn_sums(model, ctx.train, device=ctx.device)
         return probe_model(model, ctx.train, what, batch=batch, generator=ctx.generator, device=ctx.device)
 
     def upload_reference(self, task: ClientTask) -> Params:

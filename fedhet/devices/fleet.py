@@ -45,6 +45,15 @@ class Fleet:
     num_train: tuple[int, ...]
     num_test: tuple[int, ...]
     availability: Availability = Availability()
+    #: tiers that clients report themselves (deployed nodes' ``tier``), by client; ``None`` or an
+    #: empty tuple: the tier comes from ``assignment``
+    reported_tiers: tuple[str | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tiers]
+        for cid, name in enumerate(self.reported_tiers):
+            if name is not None and name not in names:
+                raise ValueError(f"client {cid} reports tier {name!r}; allowed: {', '.join(names)} (devices.tiers)")
 
     @property
     def num_clients(self) -> int:
@@ -65,8 +74,10 @@ class Fleet:
         """Every client's info in round ``rnd``, with the size the policy lets it train."""
         tier_idx = assign_tiers(self.num_clients, self.tiers, mode=self.assignment, seed=self.seed, rnd=rnd)
         out = []
+        by_name = {t.name: t for t in self.tiers}
         for cid, t in enumerate(tier_idx):
-            tier = self.tiers[t]
+            reported = self.reported_tiers[cid] if cid < len(self.reported_tiers) else None
+            tier = by_name[reported] if reported is not None else self.tiers[t]
             size = tier.size if self.policy == "tiered" else self.global_size
             out.append(ClientInfo(cid, self.num_train[cid], self.num_test[cid], tier.name, size, self.label_counts[cid]))
         return out

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fedhet.selection.poc import PowerOfChoice
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.executors import Executor, SequentialExecutor
 from fedhet.simulation.loop import Run
-from fedhet.simulation.store import make_store
+from fedhet.simulation.store import ClientStore, make_store
 from fedhet.simulation.world import ClientWorld
 from fedhet.training.local import LocalTraining
 
@@ -197,7 +198,27 @@ def build_executor(cfg: ExperimentConfig, world: ClientWorld, store: Any) -> Exe
     return SequentialExecutor(world, store)
 
 
-def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> Run:
+@dataclasses.dataclass(frozen=True)
+class ClientReports:
+    """What deployed clients report about themselves (instead of what the data's partition says)."""
+
+    num_train: tuple[int, ...]
+    num_test: tuple[int, ...]
+    label_counts: tuple[tuple[int, ...], ...]
+    tiers: tuple[str | None, ...] = ()
+
+
+def build_run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    dataset: Any = None,
+    executor: Callable[[ClientWorld, ClientStore], Executor] | None = None,
+    clients: ClientReports | None = None,
+) -> Run:
+    """The run of ``cfg``. ``dataset``: the federated data (default: loaded from ``cfg.data``);
+    ``executor``: builds the executor from the world and the store (default: ``runtime.executor``);
+    ``clients``: the clients' own reports of their sizes, label histograms and tiers (a deployed run)."""
     algorithm = build_algorithm(cfg)
     tiers, policy = build_fleet_parts(cfg)
     fed = dataset if dataset is not None else load_federated(cfg)
@@ -214,24 +235,35 @@ def build_run(cfg: ExperimentConfig, run_dir: Path, *, dataset: Any = None) -> R
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     world = build_world(cfg, fed, device=_driver_device(cfg))
-    fleet = Fleet(
-        tiers=tuple(tiers),
-        assignment=cfg.devices.assignment,
-        policy=policy,
-        seed=cfg.seed,
-        label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
-        num_train=tuple(len(d) for d in fed.clients_train),
-        num_test=tuple(len(d) for d in fed.clients_test),
-        availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
-    )
+    if clients is None:
+        clients = ClientReports(
+            num_train=tuple(len(d) for d in fed.clients_train),
+            num_test=tuple(len(d) for d in fed.clients_test),
+            label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
+        )
+    try:
+        fleet = Fleet(
+            tiers=tuple(tiers),
+            assignment=cfg.devices.assignment,
+            policy=policy,
+            seed=cfg.seed,
+            label_counts=clients.label_counts,
+            num_train=clients.num_train,
+            num_test=clients.num_test,
+            availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
+            reported_tiers=clients.tiers,
+        )
+    except ValueError as err:
+        raise _error(err) from None
     selector = build_selector(cfg, fed.num_clients)
-    executor = build_executor(cfg, world, make_store(cfg.runtime.store, run_dir))
+    store = make_store(cfg.runtime.store, run_dir)
+    built = executor(world, store) if executor is not None else build_executor(cfg, world, store)
     return Run(
         algorithm=algorithm,
         world=world,
         fleet=fleet,
         selector=selector,
-        executor=executor,
+        executor=built,
         rounds=cfg.rounds,
         seed=cfg.seed,
         run_dir=Path(run_dir),

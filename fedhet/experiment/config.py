@@ -175,6 +175,16 @@ class RayConfig(_Section):
         return v
 
 
+class FlowerConfig(_Section):
+    """Deployment through Flower (``fedhet flower app``): how long the server waits for nodes."""
+
+    #: seconds a request waits for its node's answer; a node that does not answer in time is left
+    #: out of that round
+    timeout: float = Field(600.0, gt=0)
+    #: seconds the server waits at the start for a node of every client (data.num_clients)
+    wait: float = Field(300.0, gt=0)
+
+
 class RuntimeConfig(_Section):
     executor: Literal["sequential", "parallel", "ray"] = "sequential"
     workers: int | None = Field(None, ge=1)
@@ -184,6 +194,8 @@ class RuntimeConfig(_Section):
     #: where personal client state lives: in memory, or on disk under the run folder (thousands of clients)
     store: Literal["memory", "disk"] = "memory"
     ray: RayConfig = Field(default_factory=RayConfig)
+    #: used by a deployed run only (the simulation executors ignore it)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     @model_validator(mode="after")
     def _ray_options(self) -> RuntimeConfig:

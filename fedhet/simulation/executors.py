@@ -18,7 +18,7 @@ from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
 from fedhet.simulation.reduce import Block, BlockFolder, aligned_blocks, combine
 from fedhet.simulation.store import ClientStore
-from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
+from fedhet.simulation.world import ClientOutcome, ClientWorld, run_eval, run_probe, run_train
 
 #: one client's work: (client id, task, info, store entry)
 Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
@@ -58,10 +58,19 @@ def train_share(
     canonical tree, back to back; each client's result is a leaf (nothing, when the client fails)
     folded into the share's aligned blocks. Returns the share's metrics, upload sizes and failures
     (its ``acc`` is unused) and its blocks."""
+    outcomes = ((cid, task, run_train(algorithm, world, info, task, entry)) for cid, task, info, entry in jobs)
+    return fold_share(outcomes, lo, template, store)
+
+
+def fold_share(
+    outcomes: Iterable[tuple[int, ClientTask, ClientOutcome]], lo: int, template: Accumulator, store: ClientStore | None
+) -> tuple[RoundOutcome, dict[Block, Accumulator]]:
+    """Fold the outcomes of a contiguous share of the round's clients (in client-id order, the first
+    being leaf ``lo`` of the canonical tree) into the share's aligned blocks; each is consumed as it
+    comes, so an executor may compute them one by one (``train_share``) or receive them."""
     outcome = RoundOutcome(template)
     folder = BlockFolder(lo, template)
-    for cid, task, info, entry in jobs:
-        out = run_train(algorithm, world, info, task, entry)
+    for cid, task, out in outcomes:
         folder.push(lambda acc: fold(outcome, acc, cid, task, out, store))  # noqa: B023 (called at once)
     return outcome, folder.blocks()
 

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedhet import __version__
 from fedhet.core import rng
-from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, trainable_names
-from fedhet.core.messages import ClientInfo
+from fedhet.core.algorithm import Algorithm, ClientStatistics, ServerSetup, load_params, trainable_names
+from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Config, Params, config_key, params_nbytes
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
@@ -95,6 +97,33 @@ def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
     }
 
 
+class FederatedQuery(ClientStatistics):
+    """``ClientStatistics`` for one eval target: every client of the round answers
+    ``Algorithm.probe`` about the target's model on its own training data, through the run's
+    executor (so the same query runs in simulation and on deployed nodes); the answers are summed in
+    client-id order. A client that cannot answer is left out, with a warning."""
+
+    def __init__(self, run: Run, rnd: int, infos: Sequence[ClientInfo], params: Params, config: Config) -> None:
+        self.run, self.rnd, self.infos, self.params, self.config = run, rnd, infos, params, config
+        self._answers: dict[str, torch.Tensor] = {}
+
+    def total(self, what: str) -> torch.Tensor:
+        if what not in self._answers:
+            tasks = {c.id: ClientTask(round=self.rnd, params=self.params, config=self.config) for c in self.infos}
+            answers = self.run.executor.probe(self.run.algorithm, tasks, {c.id: c for c in self.infos}, what)
+            total: torch.Tensor | None = None
+            for cid in sorted(answers):
+                value = answers[cid]
+                if isinstance(value, str):
+                    print(f"warning: client left out of a federated query: {value}", flush=True, file=sys.stderr)
+                    continue
+                total = value.clone() if total is None else total + value
+            if total is None:
+                raise RuntimeError(f"round {self.rnd}: no client answered the federated query {what!r}")
+            self._answers[what] = total
+        return self._answers[what]
+
+
 def evaluate_round(
     run: Run, state: Any, rnd: int, infos: list[ClientInfo]
 ) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
@@ -111,7 +140,7 @@ def evaluate_round(
     for name, (params, config) in alg.eval_targets(state).items():
         model = run.world.build_model(config)
         load_params(model, params)
-        model = alg.eval_model(model, run.world.dataset.pooled_train())
+        model = alg.eval_model(model, FederatedQuery(run, rnd, infos, params, config))
         for k, v in evaluate(model, run.world.dataset.test, device=run.world.torch_device).items():
             if k not in ("examples", "score"):
                 row[f"eval/{name}/{k}"] = v

@@ -51,8 +51,9 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def make_run(tmp_path: Path, executor: str, algorithm: str = "fedavg", *extra: str) -> Run:
-    overrides = [
+def run_overrides(executor: str, algorithm: str = "fedavg", *extra: str) -> list[str]:
+    """The config of the executor tests' small run (7 clients of synthetic data, an MLP, 3 rounds)."""
+    return [
         "rounds=3",
         "data.dataset=synthetic",
         "data.num_clients=7",
@@ -65,7 +66,10 @@ def make_run(tmp_path: Path, executor: str, algorithm: str = "fedavg", *extra: s
         "devices.tiers=a1-b1-c1",
         *extra,
     ]
-    return build_run(load_config(None, overrides), tmp_path / executor)
+
+
+def make_run(tmp_path: Path, executor: str, algorithm: str = "fedavg", *extra: str) -> Run:
+    return build_run(load_config(None, run_overrides(executor, algorithm, *extra)), tmp_path / executor)
 
 
 def finish(run: Run, seconds: int = 60) -> RunResult:

@@ -1,0 +1,330 @@
+"""One codec between fedhet's client messages and Flower's records.
+
+A request (server to client) carries one ``ClientTask`` for one client: what to do (``kind``:
+``train``, ``evaluate`` or ``query``), the task, the ``ClientInfo`` the server holds and the round
+whose persistent state the client continues from. A reply carries the client's ``ClientResult``
+(train), its metrics (evaluate) or its answer tensor (query), or the error that kept it out.
+
+Layout of a message's ``RecordDict``:
+
+- ``params``, ``extras``: ``ArrayRecord`` s, one array per tensor, by name, in the tensors' order
+  (bool masks, integer indices and 0-d tensors included; every dtype numpy has);
+- ``header``: a ``ConfigRecord`` of scalars (kind, client, round, ...) and, as tagged JSON strings,
+  what ``ConfigRecord`` cannot hold: the task's config (nested dicts, lists, tuples, ``None``) and
+  the ``ClientInfo``;
+- ``metrics``: a ``MetricRecord`` (evaluation and training metrics; NaN allowed);
+- ``answer``: an ``ArrayRecord`` holding a query's tensor.
+
+Decoding never trusts its input: a missing record, a wrong type or an unknown kind raises
+``CodecError`` naming the field, so a malformed reply is that client's failure and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
+from fedhet.core.types import Metrics, Params
+from fedhet.simulation.parallel import as_array
+
+KINDS = ("train", "evaluate", "query")
+FORMAT = 1
+
+
+class CodecError(ValueError):
+    """A message that does not decode (missing or mistyped field); names the field."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the server asks one client."""
+
+    kind: str
+    task: ClientTask
+    info: ClientInfo
+    #: the round of the client's persistent state to continue from (None: a fresh state)
+    state_round: int | None = None
+    #: for ``query``: what is asked (``loss``, ``grad``, ``bn_sums``, ``info``) and its batch
+    what: str | None = None
+    batch: int | None = None
+
+    @property
+    def client(self) -> int:
+        return self.info.id
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One client's answer: ``error`` set, or the field of its request's kind."""
+
+    kind: str
+    client: int
+    error: str | None = None
+    result: ClientResult | None = None
+    #: a training upload's encoded size where it is not the dense size (quantized uploads)
+    upload_bytes: int | None = None
+    metrics: Metrics = field(default_factory=dict)
+    answer: torch.Tensor | None = None
+    #: the answer to an ``info`` query: what the node reports about its client (plain values)
+    node_info: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------ tagged JSON
+
+
+def _to_json(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or k.startswith("__"):
+                raise CodecError(f"{where}: key {k!r} cannot be sent; allowed: strings not starting with '__'")
+            out[k] = _to_json(v, f"{where}.{k}")
+        return out
+    raise CodecError(f"{where}: a {type(value).__name__} cannot be sent; allowed: None, bool, int, float, str, list, tuple, dict")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def dumps(value: Any, where: str) -> str:
+    """``value`` as tagged JSON (tuples, NaN and infinities survive the round trip)."""
+    return json.dumps(_to_json(value, where), allow_nan=False, separators=(",", ":"))
+
+
+def loads(text: Any, where: str) -> Any:
+    if not isinstance(text, str):
+        raise CodecError(f"{where}: got a {type(text).__name__}, expected a JSON string")
+    try:
+        return _from_json(json.loads(text))
+    except (ValueError, TypeError) as err:
+        raise CodecError(f"{where}: not valid JSON ({err})") from None
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def _records() -> Any:
+    from flwr import app  # Flower is needed only where messages are built
+
+    return app
+
+
+def encode_params(params: Mapping[str, torch.Tensor], where: str) -> Any:
+    app = _records()
+    arrays = {}
+    for name, t in params.items():
+        array = as_array(t.detach().cpu()) if isinstance(t, torch.Tensor) else None
+        if array is None:
+            raise CodecError(f"{where}.{name}: a {type(t).__name__} of dtype {getattr(t, 'dtype', '?')} cannot be sent; allowed: a tensor of a dtype numpy has")
+        arrays[name] = app.Array(array)
+    return app.ArrayRecord(arrays)
+
+
+def decode_params(record: Any, where: str) -> Params:
+    app = _records()
+    if not isinstance(record, app.ArrayRecord):
+        raise CodecError(f"{where}: got a {type(record).__name__}, expected an ArrayRecord")
+    out: Params = {}
+    for name, array in record.items():
+        try:
+            values = np.array(array.numpy(), copy=True)
+        except Exception as err:  # a corrupt array must be this message's failure only
+            raise CodecError(f"{where}.{name}: cannot be read ({type(err).__name__}: {err})") from None
+        if values.dtype.hasobject:
+            raise CodecError(f"{where}.{name}: an object array; allowed: numeric or bool arrays")
+        out[name] = torch.from_numpy(values)
+    return out
+
+
+def _get(rd: Any, key: str, kind: type, where: str) -> Any:
+    try:
+        record = rd[key]
+    except KeyError:
+        raise CodecError(f"{where}: the message has no {key!r} record") from None
+    if not isinstance(record, kind):
+        raise CodecError(f"{where}.{key}: got a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in header:
+        raise CodecError(f"{where}.{key}: missing")
+    value = header[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CodecError(f"{where}.{key}: got {value!r}, expected a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _info_json(info: ClientInfo) -> str:
+    return dumps(
+        {
+            "id": info.id,
+            "num_train": info.num_train,
+            "num_test": info.num_test,
+            "tier": info.tier,
+            "size": {"width": info.size.width, "depth": info.size.depth, "density": info.size.density},
+            "label_counts": list(info.label_counts),
+        },
+        "info",
+    )
+
+
+def _info(text: Any) -> ClientInfo:
+    raw = loads(text, "header.info")
+    try:
+        size = ModelSize(width=float(raw["size"]["width"]), depth=raw["size"]["depth"], density=float(raw["size"]["density"]))
+        return ClientInfo(int(raw["id"]), int(raw["num_train"]), int(raw["num_test"]), str(raw["tier"]), size, tuple(int(c) for c in raw["label_counts"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CodecError(f"header.info: {type(err).__name__}: {err}") from None
+
+
+def encode_request(request: Request) -> Any:
+    """A request as a ``RecordDict``."""
+    app = _records()
+    if request.kind not in KINDS:
+        raise CodecError(f"request kind: got {request.kind!r}, allowed: {', '.join(KINDS)}")
+    header = {
+        "format": FORMAT,
+        "kind": request.kind,
+        "client": request.client,
+        "round": int(request.task.round),
+        "config": dumps(request.task.config, "task.config"),
+        "info": _info_json(request.info),
+        "state_round": -1 if request.state_round is None else int(request.state_round),
+        "what": request.what or "",
+        "batch": -1 if request.batch is None else int(request.batch),
+    }
+    return app.RecordDict(
+        {
+            "header": app.ConfigRecord(header),
+            "params": encode_params(request.task.params, "task.params"),
+            "extras": encode_params(request.task.extras, "task.extras"),
+        }
+    )
+
+
+def decode_request(rd: Any) -> Request:
+    app = _records()
+    header = _get(rd, "header", app.ConfigRecord, "request")
+    if header.get("format") != FORMAT:
+        raise CodecError(f"request header.format: got {header.get('format')!r}, allowed: {FORMAT} (server and client run different fedhet versions)")
+    kind = _field(header, "kind", str, "request header")
+    if kind not in KINDS:
+        raise CodecError(f"request header.kind: got {kind!r}, allowed: {', '.join(KINDS)}")
+    config = loads(_field(header, "config", str, "request header"), "header.config")
+    if not isinstance(config, dict):
+        raise CodecError(f"request header.config: got a {type(config).__name__}, expected a dict")
+    task = ClientTask(
+        round=_field(header, "round", int, "request header"),
+        params=decode_params(_get(rd, "params", app.ArrayRecord, "request"), "task.params"),
+        config=config,
+        extras=decode_params(_get(rd, "extras", app.ArrayRecord, "request"), "task.extras"),
+    )
+    info = _info(_field(header, "info", str, "request header"))
+    client = _field(header, "client", int, "request header")
+    if client != info.id:
+        raise CodecError(f"request header.client: got {client}, but the info is of client {info.id}")
+    state_round = _field(header, "state_round", int, "request header")
+    batch = _field(header, "batch", int, "request header")
+    return Request(
+        kind=kind,
+        task=task,
+        info=info,
+        state_round=None if state_round < 0 else state_round,
+        what=_field(header, "what", str, "request header") or None,
+        batch=None if batch < 0 else batch,
+    )
+
+
+def encode_reply(reply: Reply) -> Any:
+    """A reply as a ``RecordDict``."""
+    app = _records()
+    header: dict[str, Any] = {"format": FORMAT, "kind": reply.kind, "client": int(reply.client), "error": reply.error or ""}
+    records: dict[str, Any] = {}
+    if reply.error is None:
+        if reply.kind == "train":
+            if reply.result is None:
+                raise CodecError("reply: a train reply without an error needs a result")
+            header["num_examples"] = int(reply.result.num_examples)
+            header["upload_bytes"] = -1 if reply.upload_bytes is None else int(reply.upload_bytes)
+            records["params"] = encode_params(reply.result.params, "result.params")
+            records["extras"] = encode_params(reply.result.extras, "result.extras")
+            records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.result.metrics.items()})
+        elif reply.kind == "evaluate":
+            records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.metrics.items()})
+        elif reply.node_info is not None:
+            header["node_info"] = dumps(reply.node_info, "node_info")
+        elif reply.kind == "query":
+            if reply.answer is None:
+                raise CodecError("reply: a query reply without an error needs an answer")
+            records["answer"] = encode_params({"value": reply.answer}, "answer")
+    return app.RecordDict({"header": app.ConfigRecord(header), **records})
+
+
+def _metrics(rd: Any, where: str) -> Metrics:
+    app = _records()
+    record = _get(rd, "metrics", app.MetricRecord, where)
+    out: Metrics = {}
+    for k, v in record.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CodecError(f"{where}.metrics.{k}: got {v!r}, expected a number")
+        out[k] = float(v)
+    return out
+
+
+def decode_reply(rd: Any) -> Reply:
+    app = _records()
+    header = _get(rd, "header", app.ConfigRecord, "reply")
+    if header.get("format") != FORMAT:
+        raise CodecError(f"reply header.format: got {header.get('format')!r}, allowed: {FORMAT} (server and client run different fedhet versions)")
+    kind = _field(header, "kind", str, "reply header")
+    if kind not in KINDS:
+        raise CodecError(f"reply header.kind: got {kind!r}, allowed: {', '.join(KINDS)}")
+    client = _field(header, "client", int, "reply header")
+    error = _field(header, "error", str, "reply header")
+    if error:
+        return Reply(kind, client, error=error)
+    if kind == "train":
+        upload = _field(header, "upload_bytes", int, "reply header")
+        result = ClientResult(
+            params=decode_params(_get(rd, "params", app.ArrayRecord, "reply"), "result.params"),
+            num_examples=_field(header, "num_examples", int, "reply header"),
+            metrics=_metrics(rd, "reply"),
+            extras=decode_params(_get(rd, "extras", app.ArrayRecord, "reply"), "result.extras"),
+        )
+        return Reply(kind, client, result=result, upload_bytes=None if upload < 0 else upload)
+    if kind == "evaluate":
+        return Reply(kind, client, metrics=_metrics(rd, "reply"))
+    if "node_info" in header:
+        node_info = loads(_field(header, "node_info", str, "reply header"), "node_info")
+        if not isinstance(node_info, dict):
+            raise CodecError(f"reply header.node_info: got a {type(node_info).__name__}, expected a dict")
+        return Reply(kind, client, node_info=node_info)
+    answer = decode_params(_get(rd, "answer", app.ArrayRecord, "reply"), "answer")
+    if list(answer) != ["value"]:
+        raise CodecError(f"reply answer: got arrays {sorted(answer)}, expected one named 'value'")
+    return Reply(kind, client, answer=answer["value"])
