@@ -196,6 +196,36 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 2
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from fedhet.experiment.config import load_config
+
+    if args.flower_command == "certs":
+        from fedhet.runtime.flower.deploy import make_certificates
+
+        files = make_certificates(args.out, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes)
+        for role, path in files.items():
+            print(f"{role:<12} {path}")
+        return 0
+    cfg = load_config(args.config, list(args.overrides))
+    if args.flower_command == "export-data":
+        from fedhet.experiment.build import load_federated
+        from fedhet.runtime.flower.node import export_client_data
+
+        paths = export_client_data(load_federated(cfg), args.out)
+        print(f"{len(paths)} client data files in {args.out} (client_<id>.pt); a SuperNode serves one: --node-config \"client-id=<id> data='{Path(args.out).resolve()}/client_<id>.pt'\"")
+        return 0
+    from fedhet.experiment.build import build_algorithm, build_fleet_parts
+    from fedhet.runtime.flower.deploy import write_app
+
+    build_algorithm(cfg)  # a bad algorithm or device setting fails here, not on the SuperLink
+    build_fleet_parts(cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
+    out = write_app(cfg, args.out, run_dir)
+    print(f"Flower app: {out}  (server results: {run_dir.resolve()})")
+    print(f"run it: flwr run {out} <superlink connection> --stream")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhet", description="Federated learning over heterogeneous devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,13 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("--out", help="output folder (default: the run folder)")
     m.set_defaults(func=cmd_masks)
+    fl = sub.add_parser("flower", help="deploy an experiment on real devices through Flower (app folder, client data, certificates)")
+    fsub = fl.add_subparsers(dest="flower_command", required=True)
+    fa = fsub.add_parser("app", help="write a Flower app folder for `flwr run` from an experiment config")
+    fa.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    fa.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    fa.add_argument("--out", required=True, help="the app folder to write")
+    fa.add_argument("--run-dir", help="where the server writes its results (default: logging.dir/NAME-TIME)")
+    fe = fsub.add_parser("export-data", help="write one client data file per client of an experiment's partition (for trials)")
+    fe.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    fe.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    fe.add_argument("--out", required=True, help="folder for client_<id>.pt")
+    fc = fsub.add_parser("certs", help="a private CA, a SuperLink TLS certificate and SuperNode keys (for trials)")
+    fc.add_argument("--out", required=True, help="folder for the certificates and keys")
+    fc.add_argument("--host", action="append", help="the SuperLink's IP address or DNS name (repeat; default: 127.0.0.1 and localhost)")
+    fc.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (node<i>.key, node<i>.pub)")
+    for q in (fa, fe, fc):
+        q.set_defaults(func=cmd_flower)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a config file given to `run` may be followed by overrides; an override alone is not a file
-    if getattr(args, "config", None) and "=" in str(args.config) and args.command == "run":
+    if getattr(args, "config", None) and "=" in str(args.config) and args.command in ("run", "flower"):
         args.overrides = [args.config, *args.overrides]
         args.config = None
     previous = _terminate_as_interrupt()

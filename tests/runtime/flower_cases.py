@@ -62,11 +62,24 @@ class Loopback:
         return out
 
 
-def deploy(tmp_path: Path, overrides: list[str], tamper: Any = None, resume: bool = False, exchange: Loopback | None = None) -> tuple[RunResult, Loopback]:
-    """Export the config's clients to data files, start a node per client, run the server."""
+def deploy(
+    tmp_path: Path,
+    overrides: list[str],
+    tamper: Any = None,
+    *,
+    resume: bool = False,
+    reuse_data: bool = False,
+    on_round: Any = None,
+    tiers: Mapping[int, str] | None = None,
+) -> tuple[RunResult, Loopback]:
+    """Export the config's clients to data files (``reuse_data``: they are there already, with the
+    nodes' state beside them), start a node per client, run the server in ``tmp_path/server``."""
     cfg = load_config(None, overrides)
-    if exchange is None:
+    if reuse_data:
+        files = [tmp_path / "data" / f"client_{cid}.pt" for cid in range(cfg.data.num_clients)]
+    else:
         files = export_client_data(load_federated(cfg), tmp_path / "data")
-        nodes = {cid: build_node(cfg, {"client-id": cid, "data": str(path)}) for cid, path in enumerate(files)}
-        exchange = Loopback(nodes, tamper)
-    return run_deployed(cfg, tmp_path / "server", exchange, resume=resume), exchange
+    tiers = tiers or {}
+    nodes = {cid: build_node(cfg, {"client-id": cid, "data": str(path), "tier": tiers.get(cid)}) for cid, path in enumerate(files)}
+    exchange = Loopback(nodes, tamper)
+    return run_deployed(cfg, tmp_path / "server", exchange, resume=resume, on_round=on_round), exchange

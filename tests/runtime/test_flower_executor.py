@@ -25,6 +25,7 @@ from flower_cases import deploy
 from fedhet.algorithms.feddyn import FedDyn
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientResult, ClientTask
+from fedhet.experiment.config import ConfigError
 from fedhet.runtime.codec import decode_reply, encode_reply
 
 pytest.importorskip("flwr")
@@ -135,3 +136,40 @@ def test_bad_replies_leave_the_client_out_exactly_like_a_failed_client(tmp_path:
     assert {r["client"] for r in rows if "error" in r} == {2}
     for err, reason in zip(errors, reasons):
         assert reason in err, (err, reason)
+
+
+class Stop(Exception):
+    """Stops a server after a round, as a crash would."""
+
+
+@pytest.mark.parametrize("algorithm", ["dispfl", "pfedmoe", "feddyn"])
+def test_a_restarted_server_and_nodes_resume_with_the_same_bits(tmp_path: Path, algorithm: str) -> None:
+    overrides = [*run_overrides("sequential", algorithm, *algorithm_options(algorithm)), "rounds=4", "runtime.checkpoint_every=2"]
+    whole, _ = deploy(tmp_path / "whole", overrides)
+
+    def crash(rnd: int, row: dict[str, Any]) -> None:
+        if rnd == 3:  # after round 3 trained on the nodes, before the server checkpointed it
+            raise Stop
+
+    with pytest.raises(Stop):
+        deploy(tmp_path / "parts", overrides, on_round=crash)
+    states = sorted((tmp_path / "parts" / "data").glob("*.state/*/client_*/round_3.pt"))
+    assert len(states) == 7  # every node holds state of round 3, which the checkpoint (round 2) never saw
+    # a new server and new nodes (built again from their files) continue from the checkpoint
+    resumed, exchange = deploy(tmp_path / "parts", overrides, resume=True, reuse_data=True)
+    trained = [r for r in exchange.requests if r.kind == "train"]
+    assert trained[0].task.round == 3 and all(r.state_round == 2 for r in trained if r.task.round == 3)
+    assert_same_tensors(whole.params, resumed.params, "global params")
+    assert comparable(whole.history) == comparable(resumed.history)
+
+
+def test_nodes_report_their_tier_and_a_tier_not_configured_is_refused(tmp_path: Path) -> None:
+    overrides = run_overrides("sequential", "heterofl", "rounds=1")
+    tiers = {0: "c", 1: "c", 2: "a", 3: "b", 4: "c", 5: "a", 6: "b"}
+    result, exchange = deploy(tmp_path / "ok", overrides, tiers=tiers)
+    trained = {r.info.id: r.info for r in exchange.requests if r.kind == "train"}
+    assert {cid: info.tier for cid, info in trained.items()} == tiers
+    widths = {"a": 1.0, "b": 0.5, "c": 0.25}
+    assert all(info.size.width == widths[info.tier] for info in trained.values())
+    with pytest.raises(ConfigError, match=r"client 3 reports tier 'phone'; allowed: a, b, c \(devices.tiers\)"):
+        deploy(tmp_path / "bad", overrides, tiers={**tiers, 3: "phone"})

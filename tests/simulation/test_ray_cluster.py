@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,73 +24,12 @@ from executor_cases import (  # noqa: E402, F401  (one_thread: an autouse fixtur
     make_run,
     one_thread,
 )
+from processes import alive, children, gone, listening_addresses  # noqa: E402
 
 from fedhet.experiment.config import ConfigError  # noqa: E402
 from fedhet.simulation.ray_executor import RayExecutor  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tests read /proc to find the processes Ray started")
-
-
-def _children(pid: int) -> set[int]:
-    """Every live descendant of ``pid``."""
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-                out.update(kids)
-                todo.extend(kids)
-        except OSError:
-            pass
-    return {p for p in out if _alive(p)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def _gone(pids: set[int], seconds: float = 20.0) -> bool:
-    end = time.time() + seconds
-    while time.time() < end:
-        if not any(_alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _listening_addresses(pids: set[int]) -> set[str]:
-    """The local addresses of the TCP sockets those processes listen on (from /proc/net/tcp*)."""
-    inodes: set[str] = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            pass
-    found: set[str] = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                raw = cols[1].split(":")[0]
-                if width == 8:
-                    found.add(".".join(str(int(raw[i : i + 2], 16)) for i in (6, 4, 2, 0)))
-                else:  # an IPv4-mapped IPv6 address ends in the IPv4 address; anything else is shown raw
-                    found.add(".".join(str(int(raw[i : i + 2], 16)) for i in (30, 28, 26, 24)) if raw[:24] == "0000000000000000FFFF0000" else raw)
-    return found
 
 
 @pytest.fixture
@@ -103,23 +41,23 @@ def no_ray() -> Iterator[None]:
 
 
 def test_a_local_ray_listens_on_loopback_only_and_is_gone_after_close(tmp_path: Path, no_ray: None) -> None:
-    before = _children(os.getpid())
+    before = children(os.getpid())
     run = make_run(tmp_path, "ray", "fedavg", "runtime.ray.workers=2", "rounds=1")
-    started = _children(os.getpid()) - before
-    names = {Path(f"/proc/{p}/exe").resolve().name for p in started if _alive(p)}
+    started = children(os.getpid()) - before
+    names = {Path(f"/proc/{p}/exe").resolve().name for p in started if alive(p)}
     assert {"gcs_server", "raylet"} <= names, names
     assert set(run.executor.pids) <= started  # type: ignore[attr-defined]
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
-    assert _listening_addresses(started) == {"127.0.0.1"}
+    assert listening_addresses(started) == {"127.0.0.1"}
     finish(run, 240)  # closes the executor
     assert not ray.is_initialized()
-    assert _gone(started), sorted(p for p in started if _alive(p))
+    assert gone(started), sorted(p for p in started if alive(p))
 
 
 def test_ray_is_shut_down_when_the_run_fails(tmp_path: Path, no_ray: None) -> None:
-    before = _children(os.getpid())
+    before = children(os.getpid())
     run = make_run(tmp_path, "ray", "fedavg", "runtime.ray.workers=1", "rounds=2")
-    started = _children(os.getpid()) - before
+    started = children(os.getpid()) - before
 
     def stop(rnd: int, row: dict) -> None:
         raise KeyboardInterrupt  # as Ctrl-C would, after round 1
@@ -128,7 +66,7 @@ def test_ray_is_shut_down_when_the_run_fails(tmp_path: Path, no_ray: None) -> No
     with pytest.raises(KeyboardInterrupt):
         finish(run, 240)
     assert not ray.is_initialized()
-    assert _gone(started)
+    assert gone(started)
 
 
 @pytest.mark.parametrize(
@@ -147,13 +85,13 @@ def test_bad_settings_fail_before_training_with_one_line(tmp_path: Path, no_ray:
 
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
-    before = _children(os.getpid())
+    before = children(os.getpid())
     with pytest.raises(ConfigError) as err:
         make_run(tmp_path, "ray", "fedavg", "runtime.ray.workers=2", *extra)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert not ray.is_initialized()
-    assert _gone(_children(os.getpid()) - before)
+    assert gone(children(os.getpid()) - before)
 
 
 def test_ray_not_installed_is_a_one_line_error(tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,23 +110,23 @@ def test_a_two_node_cluster_gives_the_sequential_bits_with_data_built_on_each_no
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     seq = finish(make_run(tmp_path, "sequential", "heterofl"))
-    before = _children(os.getpid())
+    before = children(os.getpid())
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        started = _children(os.getpid()) - before
-        assert _listening_addresses(started) == {"127.0.0.1"}
+        started = children(os.getpid()) - before
+        assert listening_addresses(started) == {"127.0.0.1"}
         run = make_run(tmp_path, "ray", "heterofl", "runtime.ray.workers=2", f"runtime.ray.address={cluster.address}")
         executor = run.executor
         assert isinstance(executor, RayExecutor) and executor.data == "node"
         assert len(set(executor.nodes)) == 2  # one actor on each node
         got = finish(run, 300)
         assert not ray.is_initialized()  # the executor disconnected ...
-        daemons = {p for p in started if _alive(p) and Path(f"/proc/{p}/exe").resolve().name in ("gcs_server", "raylet")}
+        daemons = {p for p in started if alive(p) and Path(f"/proc/{p}/exe").resolve().name in ("gcs_server", "raylet")}
         assert len(daemons) >= 3  # ... and left the cluster it joined running (one GCS, two raylets)
     finally:
         cluster.shutdown()
-    assert _gone(started)
+    assert gone(started)
     assert_same_tensors(seq.params, got.params, "global params")
     assert comparable(seq.history) == comparable(got.history)
 
@@ -206,11 +144,11 @@ def test_sigterm_ends_a_cli_run_through_its_cleanup(tmp_path: Path, no_ray: None
         started: set[int] = set()
         assert proc.stderr is not None
         for line in proc.stderr:  # the progress lines: Ray and its actors are up once round 2 ends
-            started |= _children(proc.pid)
+            started |= children(proc.pid)
             if "round 2/500" in line:
                 break
-        started |= _children(proc.pid)
-        assert {Path(f"/proc/{p}/exe").resolve().name for p in started if _alive(p)} >= {"gcs_server", "raylet"}
+        started |= children(proc.pid)
+        assert {Path(f"/proc/{p}/exe").resolve().name for p in started if alive(p)} >= {"gcs_server", "raylet"}
         proc.terminate()
         proc.communicate(timeout=120)
     finally:
@@ -218,4 +156,4 @@ def test_sigterm_ends_a_cli_run_through_its_cleanup(tmp_path: Path, no_ray: None
             proc.kill()
             proc.wait()
     assert proc.returncode == 130
-    assert _gone(started), sorted(p for p in started if _alive(p))
+    assert gone(started), sorted(p for p in started if alive(p))

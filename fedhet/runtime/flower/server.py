@@ -252,14 +252,14 @@ def client_reports(reports: Mapping[int, Mapping[str, Any]], num_clients: int) -
     )
 
 
-def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False) -> Any:
+def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False, on_round: Callable[[int, dict[str, Any]], None] | None = None) -> Any:
     """Run the experiment ``cfg`` over the nodes that ``exchange`` reaches (an ``Exchange`` over the
     run's ``Grid``): wait for a node of every client, read their reports, then run fedhet's round
     loop with a ``FlowerExecutor``. Writes the run folder (``config.yaml``, ``nodes.json``,
     ``metrics.jsonl``, ``clients.jsonl``, checkpoints) as ``fedhet run`` does; ``resume`` continues
     from its checkpoint."""
     from fedhet.experiment.build import build_run
-    from fedhet.experiment.config import dump_config
+    from fedhet.experiment.config import ConfigError, dump_config
     from fedhet.simulation.loop import run_rounds
 
     nodes, reports = discover(exchange, cfg.data.num_clients, cfg.runtime.flower.wait)
@@ -271,6 +271,9 @@ def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False
         executor=lambda world, store: FlowerExecutor(world, store, exchange, nodes),
         clients=client_reports(reports, cfg.data.num_clients),
     )
+    run.on_round = on_round
+    if resume and not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"run config resume: {run_dir} holds no checkpoint; allowed: resume=true only for a run that saved one")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     with (run_dir / "nodes.json").open("w") as f:
