@@ -167,6 +167,9 @@ class HeteroFL(FedAvg):
             out[width_name(config)] = (spec.extract(state.params), config)
         return out
 
+    def needs_label_counts(self) -> bool:
+        return self.label_split or self.masked_ce
+
     def eval_model(self, model: nn.Module, clients: ClientStatistics) -> nn.Module:
         """With static BN, the model with BatchNorm statistics summed over every client's training data."""
         return with_bn_sums(model, clients.total("bn_sums")) if self.static_bn else model

@@ -207,6 +207,14 @@ def cmd_flower(args: argparse.Namespace) -> int:
             print(f"{role:<12} {path}")
         return 0
     cfg = load_config(args.config, list(args.overrides))
+    if args.flower_command == "trial":
+        from fedhet.runtime.flower.local import trial
+
+        out = Path(args.out) if args.out else _run_dir(cfg.logging.dir, cfg.name + "-flower")
+        tiers = [t.strip() or None for t in args.tiers.split(",")] if args.tiers else []
+        run_dir = trial(cfg, out, tiers=tiers)
+        print(f"deployed run: {run_dir}  (federation logs: {out / 'federation'})")
+        return 0
     if args.flower_command == "export-data":
         from fedhet.experiment.build import load_federated
         from fedhet.runtime.flower.node import export_client_data
@@ -272,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--out", required=True, help="folder for the certificates and keys")
     fc.add_argument("--host", action="append", help="the SuperLink's IP address or DNS name (repeat; default: 127.0.0.1 and localhost)")
     fc.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (node<i>.key, node<i>.pub)")
-    for q in (fa, fe, fc):
+    ft = fsub.add_parser("trial", help="run an experiment on a local Flower federation: a SuperLink and one SuperNode per client (TLS, node authentication), then stop it")
+    ft.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
+    ft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    ft.add_argument("--out", help="folder for the data files, certificates, app, logs and the server's run (default: logging.dir/NAME-flower-TIME)")
+    ft.add_argument("--tiers", help="comma-separated tier each node reports, by client id (default: the experiment's assignment)")
+    for q in (fa, fe, fc, ft):
         q.set_defaults(func=cmd_flower)
     return p
 

@@ -123,6 +123,11 @@ class Algorithm(Generic[S]):
         loop scores it against the data's true client groups (``clusters/purity``, ``clusters/ari``)."""
         return None
 
+    def needs_label_counts(self) -> bool:
+        """Whether the server uses the clients' label histograms (``ClientInfo.label_counts``); a
+        deployed client reports its histogram only then."""
+        return False
+
     def global_params(self, state: S) -> Params:
         """The parameters a run reports as its result (compared by the resume and executor tests)."""
         return getattr(state, "params", {})

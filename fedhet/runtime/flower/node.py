@@ -213,8 +213,11 @@ class Node:
         return self.data.client
 
     def info(self) -> dict[str, Any]:
-        """What the node reports about its client: id, example counts, label histogram, tier."""
-        counts = self.world.dataset.label_counts(self.client)
+        """What the node reports about its client: its id, example counts and tier; its label
+        histogram only if the algorithm uses it; the group its data file records (evaluation of
+        clustered methods on exported trial data; 0 otherwise); a digest of its data (which data
+        a run trained on, for reproducibility; it reveals nothing of their content)."""
+        counts = self.world.dataset.label_counts(self.client) if self.algorithm.needs_label_counts() else ()
         return {
             "client": self.client,
             "num_train": len(self.data.train),
