@@ -97,3 +97,30 @@ def test_flower_export_data_and_certs_commands(tmp_path: Path, capsys: pytest.Ca
     assert names.get_values_for_type(x509.DNSName) == ["link.example"]
     assert (tmp_path / "certs" / "node1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert (tmp_path / "certs" / "node1.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_devices_own_tensors_become_a_client_data_file_a_node_trains_on(tmp_path: Path) -> None:
+    from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
+    from fedhet.data.base import ArrayDataset
+    from fedhet.runtime.codec import Request
+    from fedhet.runtime.flower.node import ClientData, save_client_data
+
+    gen = torch.Generator().manual_seed(0)
+    own = ClientData(
+        client=2,
+        train=ArrayDataset(torch.randn(30, 1, 8, 8, generator=gen), torch.randint(0, 10, (30,), generator=gen)),
+        test=ArrayDataset(torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, 10, (6,), generator=gen)),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        train_transform=None,
+        model_options={},
+    )
+    path = save_client_data(tmp_path / "mine.pt", own)
+    cfg = load_config(None, ["data.dataset=digits", "data.num_clients=3", "model.name=cnn", "model.options={channels: [4], hidden: 8}"])
+    node = build_node(cfg, {"client-id": "2", "data": str(path)})  # node config values may arrive as strings
+    assert node.info()["num_train"] == 30 and node.info()["label_counts"] == []  # FedAvg does not use the histogram
+    model = node.world.build_model({"width": 1.0, "depth": None, "density": 1.0})
+    task = ClientTask(round=1, params={k: v.clone() for k, v in model.state_dict().items()}, config={"width": 1.0, "depth": None, "density": 1.0})
+    reply = node.handle(Request("train", task, ClientInfo(2, 30, 6, "a", ModelSize())))
+    assert reply.error is None and reply.result is not None and reply.result.num_examples == 30
+    assert node.state.rounds() == [1]  # the state of round 1 was written (empty for FedAvg)

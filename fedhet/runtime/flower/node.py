@@ -7,7 +7,7 @@ file holding the client's training and held-out splits and what a model needs to
 (task, classes, input shape, training augmentation, model options). It is loaded with
 ``torch.load(weights_only=True)``, admitting fedhet's own task and transform classes and nothing
 else. ``fedhet flower export-data`` writes these files from an experiment's partition (for trials),
-and :func:`save_client_data` writes one from a user's own tensors. The data never leave the node:
+and :func:`save_client_data` writes one from a device's own tensors (a ``ClientData``). The data never leave the node:
 the server learns the client's example counts and label histogram, which the node reports.
 
 **State.** Per-client persistent state (``ClientContext.store``: DisPFL's masks, pFedMoE's local
@@ -76,25 +76,42 @@ class ClientData:
         )
 
 
-def save_client_data(path: str | Path, fed: FederatedDataset, cid: int) -> Path:
-    """Write client ``cid`` of ``fed`` as a client data file (atomically)."""
+def client_data(fed: FederatedDataset, cid: int) -> ClientData:
+    """Client ``cid`` of a simulated partition as a node would hold it."""
     if not 0 <= cid < fed.num_clients:
         raise ValueError(f"client: got {cid}, allowed: 0 to {fed.num_clients - 1}")
-    train, test = fed.clients_train[cid], fed.clients_test[cid]
+    return ClientData(
+        client=cid,
+        train=fed.clients_train[cid],
+        test=fed.clients_test[cid],
+        num_classes=int(fed.num_classes),
+        input_shape=tuple(int(d) for d in fed.input_shape),
+        train_transform=fed.train_transform,
+        model_options=dict(fed.model_options),
+        dataset=fed.name,
+        group=int(fed.client_groups[cid]),
+    )
+
+
+def save_client_data(path: str | Path, data: ClientData) -> Path:
+    """Write ``data`` as a client data file (atomically). A device's own data: build a
+    ``ClientData`` from its tensors (``ArrayDataset(x, y, task)`` for the training and held-out
+    splits, the number of classes, the example shape, and the augmentation and model options the
+    experiment's dataset uses) and save it with this."""
     payload = {
         "format": DATA_FORMAT,
-        "client": int(cid),
-        "dataset": fed.name,
-        "train_x": train.x.contiguous(),
-        "train_y": train.y.contiguous(),
-        "test_x": test.x.contiguous(),
-        "test_y": test.y.contiguous(),
-        "task": train.task,
-        "num_classes": int(fed.num_classes),
-        "input_shape": tuple(int(d) for d in fed.input_shape),
-        "train_transform": fed.train_transform,
-        "model_options": dict(fed.model_options),
-        "group": int(fed.client_groups[cid]),
+        "client": int(data.client),
+        "dataset": data.dataset,
+        "train_x": data.train.x.contiguous(),
+        "train_y": data.train.y.contiguous(),
+        "test_x": data.test.x.contiguous(),
+        "test_y": data.test.y.contiguous(),
+        "task": data.train.task,
+        "num_classes": int(data.num_classes),
+        "input_shape": tuple(int(d) for d in data.input_shape),
+        "train_transform": data.train_transform,
+        "model_options": dict(data.model_options),
+        "group": int(data.group),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +123,7 @@ def save_client_data(path: str | Path, fed: FederatedDataset, cid: int) -> Path:
 
 def export_client_data(fed: FederatedDataset, out_dir: str | Path) -> list[Path]:
     """One client data file per client of ``fed``: ``out_dir/client_<id>.pt``."""
-    return [save_client_data(Path(out_dir) / f"client_{cid}.pt", fed, cid) for cid in range(fed.num_clients)]
+    return [save_client_data(Path(out_dir) / f"client_{cid}.pt", client_data(fed, cid)) for cid in range(fed.num_clients)]
 
 
 def load_client_data(path: str | Path) -> ClientData:
