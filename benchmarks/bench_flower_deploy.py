@@ -53,33 +53,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def config(data: str, clients: int, samples: int, rounds: int, threads: int) -> Any:
-    from fedhet.experiment.config import load_config
+    """``bench_fedavg``'s FedAvg CNN configuration, with ``rounds`` rounds and ``threads`` threads."""
+    sys.path.insert(0, str(HERE))
+    from bench_fedavg import fedhet_config
 
-    return load_config(
-        None,
-        [
-            "name=bench_flower",
-            f"rounds={rounds}",
-            "data.dataset=cifar10",
-            f"data.root={data}",
-            "data.options={download: false}",
-            f"data.num_clients={clients}",
-            f"data.train_subset={clients * samples}",
-            "data.partitioner=iid",
-            "data.client_test_fraction=0",
-            "model.name=cnn",
-            "algorithm.name=fedavg",
-            "local.epochs=1",
-            "local.batch_size=32",
-            "local.lr=0.05",
-            f"runtime.threads={threads}",
-            "runtime.device=cpu",
-            f"runtime.checkpoint_every={rounds + 1}",
-            f"eval.every={rounds + 1}",
-            "eval.clients=false",
-            "logging.progress=off",
-        ],
-    )
+    cfg = fedhet_config(data, clients, samples, "sequential")
+    runtime = cfg.runtime.model_copy(update={"threads": threads, "checkpoint_every": rounds + 1, "workers": None})
+    return cfg.model_copy(update={"name": "bench_flower", "rounds": rounds, "runtime": runtime, "eval": cfg.eval.model_copy(update={"every": rounds + 1})})
 
 
 def object_bytes(obj: Any) -> int:

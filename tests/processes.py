@@ -6,30 +6,13 @@ import os
 import time
 from pathlib import Path
 
+from fedhet.runtime.flower.local import descendants
+from fedhet.runtime.flower.local import running as alive
+
 
 def children(pid: int) -> set[int]:
     """Every live descendant of ``pid``."""
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-                out.update(kids)
-                todo.extend(kids)
-        except OSError:
-            pass
-    return {p for p in out if alive(p)}
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return {p for p in descendants(pid) if alive(p)}
 
 
 def gone(pids: set[int], seconds: float = 20.0) -> bool:

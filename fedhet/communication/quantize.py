@@ -246,28 +246,40 @@ def decode(encoded: Encoded) -> torch.Tensor:
     return value.to(encoded.dtype).reshape(encoded.shape)
 
 
-def quantize_params(
-    delta: Mapping[str, torch.Tensor], levels: int, generator: torch.Generator
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Quantize every floating tensor of ``delta`` (e.g. a client's model update); return the decoded
-    tensors (same keys, in ``delta``'s order) and the total bytes of the encoded message.
-
-    Names are processed in sorted order, so the draws do not depend on the dict's order. Non-floating
-    tensors (integer or bool buffers) pass through unquantized (as copies) and count their dense bytes."""
+def encode_params(delta: Mapping[str, torch.Tensor], levels: int, generator: torch.Generator) -> dict[str, Encoded | torch.Tensor]:
+    """Encode every floating tensor of ``delta`` (e.g. a client's model update) as it is sent; other
+    tensors (integer or bool buffers) stay as they are (copies). Names are processed in sorted order,
+    so the draws do not depend on the dict's order; the result keeps ``delta``'s order."""
     s = check_levels(levels)
     gen = _check_generator(generator)
-    decoded: dict[str, torch.Tensor] = {}
-    total = 0
+    out: dict[str, Encoded | torch.Tensor] = {}
     for name in sorted(delta):
         t = delta[name]
         if not t.is_floating_point():
-            decoded[name] = t.detach().clone()
-            total += t.numel() * t.element_size()
+            out[name] = t.detach().clone()
             continue
         try:
-            enc = encode(t, s, gen)
+            out[name] = encode(t, s, gen)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-        decoded[name] = decode(enc)
-        total += enc.nbytes
-    return {name: decoded[name] for name in delta}, total
+    return {name: out[name] for name in delta}
+
+
+def encoded_size(encoded: Mapping[str, Encoded | torch.Tensor]) -> int:
+    """Bytes of an encoded message: the packed size of each encoded tensor, the dense size of the rest."""
+    return sum(e.nbytes if isinstance(e, Encoded) else e.numel() * e.element_size() for e in encoded.values())
+
+
+def decode_params(encoded: Mapping[str, Encoded | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors an encoded message stands for (in its order)."""
+    return {name: decode(e) if isinstance(e, Encoded) else e for name, e in encoded.items()}
+
+
+def quantize_params(
+    delta: Mapping[str, torch.Tensor], levels: int, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Quantize every floating tensor of ``delta``; return the decoded tensors (same keys, in
+    ``delta``'s order) and the total bytes of the encoded message (:func:`encode_params`, then
+    :func:`decode_params`; non-floating tensors pass through and count their dense bytes)."""
+    encoded = encode_params(delta, levels, generator)
+    return decode_params(encoded), encoded_size(encoded)

@@ -70,6 +70,11 @@ def _static_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats]
 
 
+def has_static_bn(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers without running statistics (which need static statistics)."""
+    return bool(_static_norms(model))
+
+
 @torch.no_grad()
 def bn_sums(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
     """What one holder of ``data`` contributes to static BatchNorm statistics: for each BatchNorm layer

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedhet.communication.quantize import Encoded, check_levels, level_bits
+from fedhet.communication.upload import PackedUpload
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Metrics, Params
 from fedhet.simulation.parallel import as_array
@@ -74,6 +76,9 @@ class Reply:
     answer: torch.Tensor | None = None
     #: the answer to an ``info`` query: what the node reports about its client (plain values)
     node_info: dict[str, Any] | None = None
+    #: a quantized upload as sent (``result`` then carries only the example count and metrics; the
+    #: server rebuilds the tensors from the task it sent, ``fedhet.communication.upload.unpack_upload``)
+    packed: PackedUpload | None = None
 
 
 # ------------------------------------------------------------------------------ tagged JSON
@@ -227,14 +232,20 @@ def encode_request(request: Request) -> Any:
     )
 
 
+def _header(rd: Any, what: str) -> tuple[Any, str]:
+    """A message's header record and kind, checked (``what``: request or reply)."""
+    header = _get(rd, "header", _records().ConfigRecord, what)
+    if header.get("format") != FORMAT:
+        raise CodecError(f"{what} header.format: got {header.get('format')!r}, allowed: {FORMAT} (server and client run different fedhet versions)")
+    kind = _field(header, "kind", str, f"{what} header")
+    if kind not in KINDS:
+        raise CodecError(f"{what} header.kind: got {kind!r}, allowed: {', '.join(KINDS)}")
+    return header, kind
+
+
 def decode_request(rd: Any) -> Request:
     app = _records()
-    header = _get(rd, "header", app.ConfigRecord, "request")
-    if header.get("format") != FORMAT:
-        raise CodecError(f"request header.format: got {header.get('format')!r}, allowed: {FORMAT} (server and client run different fedhet versions)")
-    kind = _field(header, "kind", str, "request header")
-    if kind not in KINDS:
-        raise CodecError(f"request header.kind: got {kind!r}, allowed: {', '.join(KINDS)}")
+    header, kind = _header(rd, "request")
     config = loads(_field(header, "config", str, "request header"), "header.config")
     if not isinstance(config, dict):
         raise CodecError(f"request header.config: got a {type(config).__name__}, expected a dict")
@@ -271,8 +282,11 @@ def encode_reply(reply: Reply) -> Any:
                 raise CodecError("reply: a train reply without an error needs a result")
             header["num_examples"] = int(reply.result.num_examples)
             header["upload_bytes"] = -1 if reply.upload_bytes is None else int(reply.upload_bytes)
-            records["params"] = encode_params(reply.result.params, "result.params")
-            records["extras"] = encode_params(reply.result.extras, "result.extras")
+            if reply.packed is not None:
+                header["packed"], records["packed"] = _encode_packed(reply.packed)
+            else:
+                records["params"] = encode_params(reply.result.params, "result.params")
+                records["extras"] = encode_params(reply.result.extras, "result.extras")
             records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.result.metrics.items()})
         elif reply.kind == "evaluate":
             records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.metrics.items()})
@@ -283,6 +297,69 @@ def encode_reply(reply: Reply) -> Any:
                 raise CodecError("reply: a query reply without an error needs an answer")
             records["answer"] = encode_params({"value": reply.answer}, "answer")
     return app.RecordDict({"header": app.ConfigRecord(header), **records})
+
+
+_FLOATS = {str(t).removeprefix("torch."): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _encode_packed(packed: PackedUpload) -> tuple[str, Any]:
+    """A packed upload as a header entry (names, shapes, dtypes, levels) and an ``ArrayRecord`` of
+    its buffers, keyed by section and position (``params.3.codes``), never by name."""
+    arrays: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {"levels": int(packed.levels)}
+    for section in ("params", "extras"):
+        entries = []
+        for i, (name, e) in enumerate(getattr(packed, section).items()):
+            if isinstance(e, Encoded):
+                entries.append([name, "encoded", list(e.shape), str(e.dtype).removeprefix("torch."), int(e.levels)])
+                arrays.update({f"{section}.{i}.norm": e.norm, f"{section}.{i}.signs": e.signs, f"{section}.{i}.codes": e.codes})
+            else:
+                entries.append([name, "raw"])
+                arrays[f"{section}.{i}.raw"] = e
+        layout[section] = entries
+    return dumps(layout, "packed"), encode_params(arrays, "packed")
+
+
+def _decode_packed(text: str, record: Any) -> PackedUpload:
+    """Inverse of :func:`_encode_packed`, checking every buffer's dtype and length against the
+    declared shape and levels (a malformed upload must fail here, not in the aggregate)."""
+    layout = loads(text, "header.packed")
+    arrays = decode_params(record, "packed")
+    try:
+        levels = check_levels(layout["levels"])
+        sections: dict[str, dict[str, Encoded | torch.Tensor]] = {}
+        for section in ("params", "extras"):
+            out: dict[str, Encoded | torch.Tensor] = {}
+            for i, entry in enumerate(layout[section]):
+                name, kind = str(entry[0]), entry[1]
+                key = f"{section}.{i}"
+                if kind == "raw":
+                    out[name] = arrays[f"{key}.raw"]
+                    continue
+                if kind != "encoded":
+                    raise CodecError(f"packed.{section}.{name}: kind {kind!r}; allowed: encoded, raw")
+                shape, dtype, entry_levels = entry[2], entry[3], entry[4]
+                if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+                    raise CodecError(f"packed.{section}.{name}: shape {shape!r}; allowed: a list of integers >= 0")
+                if dtype not in _FLOATS:
+                    raise CodecError(f"packed.{section}.{name}: dtype {dtype!r}; allowed: {', '.join(_FLOATS)}")
+                if entry_levels != levels:
+                    raise CodecError(f"packed.{section}.{name}: {entry_levels!r} levels, but the upload says {levels}")
+                norm, signs, codes = arrays[f"{key}.norm"], arrays[f"{key}.signs"], arrays[f"{key}.codes"]
+                n = math.prod(shape)
+                expect = {"norm": (norm, torch.float32, ()), "signs": (signs, torch.uint8, (-(-n // 8),)), "codes": (codes, torch.uint8, (-(-n * level_bits(levels) // 8),))}
+                for part, (t, want_dtype, want_shape) in expect.items():
+                    if t.dtype != want_dtype or tuple(t.shape) != want_shape:
+                        raise CodecError(f"packed.{section}.{name}.{part}: {t.dtype} of shape {tuple(t.shape)}, expected {want_dtype} of shape {want_shape}")
+                out[name] = Encoded(torch.Size(shape), _FLOATS[dtype], levels, norm, signs, codes)
+            sections[section] = out
+    except KeyError as err:
+        raise CodecError(f"packed: missing {err}") from None
+    except (TypeError, ValueError, IndexError) as err:
+        if isinstance(err, CodecError):
+            raise
+        raise CodecError(f"packed: {type(err).__name__}: {err}") from None
+    return PackedUpload(levels, sections["params"], sections["extras"])
 
 
 def _metrics(rd: Any, where: str) -> Metrics:
@@ -298,18 +375,17 @@ def _metrics(rd: Any, where: str) -> Metrics:
 
 def decode_reply(rd: Any) -> Reply:
     app = _records()
-    header = _get(rd, "header", app.ConfigRecord, "reply")
-    if header.get("format") != FORMAT:
-        raise CodecError(f"reply header.format: got {header.get('format')!r}, allowed: {FORMAT} (server and client run different fedhet versions)")
-    kind = _field(header, "kind", str, "reply header")
-    if kind not in KINDS:
-        raise CodecError(f"reply header.kind: got {kind!r}, allowed: {', '.join(KINDS)}")
+    header, kind = _header(rd, "reply")
     client = _field(header, "client", int, "reply header")
     error = _field(header, "error", str, "reply header")
     if error:
         return Reply(kind, client, error=error)
     if kind == "train":
         upload = _field(header, "upload_bytes", int, "reply header")
+        if "packed" in header:
+            packed = _decode_packed(_field(header, "packed", str, "reply header"), _get(rd, "packed", app.ArrayRecord, "reply"))
+            result = ClientResult(params={}, num_examples=_field(header, "num_examples", int, "reply header"), metrics=_metrics(rd, "reply"))
+            return Reply(kind, client, result=result, upload_bytes=None if upload < 0 else upload, packed=packed)
         result = ClientResult(
             params=decode_params(_get(rd, "params", app.ArrayRecord, "reply"), "result.params"),
             num_examples=_field(header, "num_examples", int, "reply header"),

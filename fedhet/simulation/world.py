@@ -8,13 +8,13 @@ run, guarded and checked, for every executor.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedhet.communication.upload import quantize_upload
+from fedhet.communication.upload import PackedUpload, pack_upload, unpack_upload
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, model_params
 from fedhet.core.context import ClientContext
@@ -147,6 +147,8 @@ class ClientOutcome:
     store: dict[str, Any] | None
     #: the upload's encoded size where it is not the dense size of the result (quantized uploads)
     upload_bytes: int | None = None
+    #: a quantized upload as the client sends it (``result`` holds what the server rebuilds from it)
+    packed: PackedUpload | None = None
 
 
 def run_train(
@@ -164,15 +166,18 @@ def run_train(
             extras={k: v.detach().cpu() for k, v in result.extras.items()},
         )
         algorithm.validate_result(task, result)
-        nbytes = None
+        nbytes, packed = None, None
         if world.upload_levels is not None:
             gen = rng.generator(world.seed, "quantize", task.round, info.id)
-            result, nbytes = quantize_upload(task, result, world.upload_levels, gen, algorithm.upload_reference(task))
+            reference = algorithm.upload_reference(task)
+            packed = pack_upload(task, result, world.upload_levels, gen, reference)
+            params, extras = unpack_upload(task, packed, reference)
+            result, nbytes = replace(result, params=params, extras=extras), packed.nbytes
     except Exception as exc:  # a client's failure must never stop or corrupt the round
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         loc = f" at {where.filename}:{where.lineno}" if where else ""
         return ClientOutcome(info.id, None, f"round {task.round}, client {info.id}, local_update: {type(exc).__name__}: {exc}{loc}", None)
-    return ClientOutcome(info.id, result, None, ctx.store, nbytes)
+    return ClientOutcome(info.id, result, None, ctx.store, nbytes, packed)
 
 
 def run_probe(

@@ -143,3 +143,58 @@ def test_malformed_replies_are_refused_naming_the_field() -> None:
     bad = RecordDict({"header": ConfigRecord({"format": 1, "kind": "evaluate", "client": 1, "error": ""}), "metrics": ArrayRecord()})
     with pytest.raises(CodecError, match=r"reply.metrics: got a ArrayRecord, expected a MetricRecord"):
         decode_reply(bad)
+
+
+def _packed_reply(levels: int = 4) -> tuple[ClientTask, Reply, ClientResult]:
+    from fedhet.communication.upload import pack_upload
+
+    task = ClientTask(round=1, params={"w": torch.randn(256, 128), "steps": torch.tensor(3)}, extras={"h": torch.tensor(0.5, dtype=torch.float64)})
+    trained = ClientResult(
+        params={"w": task.params["w"] + 0.01 * torch.randn(256, 128), "steps": torch.tensor(4)},
+        num_examples=9,
+        extras={"h": torch.tensor(0.7, dtype=torch.float64), "fresh": torch.randn(5)},
+    )
+    packed = pack_upload(task, trained, levels, torch.Generator().manual_seed(1))
+    return task, Reply("train", 3, result=ClientResult(params={}, num_examples=9), upload_bytes=packed.nbytes, packed=packed), trained
+
+
+def test_a_quantized_upload_travels_packed_and_the_server_rebuilds_the_clients_values() -> None:
+    from fedhet.communication.upload import quantize_upload, unpack_upload
+
+    task, reply, trained = _packed_reply()
+    content = encode_reply(reply)
+    decoded = decode_reply(content)
+    same(reply, decoded, "packed reply")
+    params, extras = unpack_upload(task, decoded.packed)
+    expected, nbytes = quantize_upload(task, trained, 4, torch.Generator().manual_seed(1))
+    same(expected.params, params, "params")
+    same(expected.extras, extras, "extras")
+    assert nbytes == reply.upload_bytes
+    # what Flower carries: the packed buffers (3-bit levels and a sign bit per value), not float32
+    carried = sum(len(a.data) for a in content["packed"].values())
+    dense = sum(t.numel() * t.element_size() for t in (*trained.params.values(), *trained.extras.values()))
+    assert carried < dense / 6
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda layout, arrays: arrays.__setitem__("params.0.codes", arrays["params.0.codes"][:-1]), r"packed.params.w.codes: torch.uint8 of shape \(12287,\), expected torch.uint8 of shape \(12288,\)"),
+        (lambda layout, arrays: layout["params"][0].__setitem__(3, "int8"), r"packed.params.w: dtype 'int8'; allowed: float16, bfloat16, float32, float64"),
+        (lambda layout, arrays: layout["params"][0].__setitem__(4, 8), r"packed.params.w: 8 levels, but the upload says 4"),
+        (lambda layout, arrays: layout["params"][0].__setitem__(2, [256, -1]), r"packed.params.w: shape \[256, -1\]; allowed: a list of integers >= 0"),
+        (lambda layout, arrays: arrays.pop("extras.1.norm"), r"packed: missing 'extras.1.norm'"),
+    ],
+)
+def test_malformed_packed_uploads_are_refused_naming_the_entry(mangle: Any, message: str) -> None:
+    from fedhet.runtime.codec import decode_params, encode_params
+
+    _, reply, _ = _packed_reply()
+    content = encode_reply(reply)
+    layout = loads(content["header"]["packed"], "packed")
+    arrays = decode_params(content["packed"], "packed")
+    mangle(layout, arrays)
+    content["header"]["packed"] = dumps(layout, "packed")
+    content["packed"] = encode_params(arrays, "packed")
+    with pytest.raises(CodecError, match=message):
+        decode_reply(content)

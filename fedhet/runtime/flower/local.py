@@ -44,7 +44,8 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie; Linux)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -172,10 +173,10 @@ class LocalFederation:
                 proc.kill()
                 proc.wait()
         end = time.monotonic() + grace
-        while any(_running(p) for p in self.seen) and time.monotonic() < end:
+        while any(running(p) for p in self.seen) and time.monotonic() < end:
             time.sleep(0.1)
         for pid in self.seen:
-            if _running(pid):
+            if running(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,8 @@ class Node:
                 self.state.save(request.task.round, out.store, keep_from=request.state_round)
             except Exception as err:
                 return Reply(kind, cid, error=f"round {request.task.round}, client {cid}: saving its state: {type(err).__name__}: {err}")
+            if out.packed is not None:  # the tensors travel packed; the server rebuilds them
+                return Reply(kind, cid, result=replace(out.result, params={}, extras={}), upload_bytes=out.upload_bytes, packed=out.packed)
             return Reply(kind, cid, result=out.result, upload_bytes=out.upload_bytes)
         if kind == "evaluate":
             metrics = run_eval(self.algorithm, self.world, request.info, request.task, store)

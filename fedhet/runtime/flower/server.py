@@ -19,12 +19,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedhet.aggregation.base import Accumulator
+from fedhet.communication.upload import unpack_upload
 from fedhet.core.algorithm import Algorithm, ClientError
 from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
 from fedhet.core.types import Metrics
@@ -141,11 +143,19 @@ class FlowerExecutor(Executor):
             if isinstance(reply, str):
                 return ClientOutcome(cid, None, reply, None)
             assert reply.result is not None
+            result, upload_bytes = reply.result, reply.upload_bytes
             try:
-                algorithm.validate_result(task, reply.result)
-            except ClientError as err:
-                return ClientOutcome(cid, None, f"round {task.round}, client {cid}: result refused: {err}", None)
-            return ClientOutcome(cid, reply.result, None, {STATE_ROUND: task.round}, reply.upload_bytes)
+                if reply.packed is not None:
+                    if reply.packed.levels != self.world.upload_levels:
+                        raise ClientError(f"a quantized upload of {reply.packed.levels} levels; allowed: communication.levels={self.world.upload_levels}")
+                    params, extras = unpack_upload(task, reply.packed, algorithm.upload_reference(task))
+                    result, upload_bytes = replace(result, params=params, extras=extras), reply.packed.nbytes
+                elif self.world.upload_levels is not None:
+                    raise ClientError(f"a dense upload; allowed: one quantized with communication.levels={self.world.upload_levels}")
+                algorithm.validate_result(task, result)
+            except Exception as err:  # noqa: BLE001 (a node's upload must fail only that client)
+                return ClientOutcome(cid, None, f"round {task.round}, client {cid}: result refused: {type(err).__name__}: {err}", None)
+            return ClientOutcome(cid, result, None, {STATE_ROUND: task.round}, upload_bytes)
 
         part, blocks = fold_share(((cid, tasks[cid], outcome(cid)) for cid in cids), 0, acc, self.store)
         result = RoundOutcome(acc)
