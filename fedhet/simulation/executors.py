@@ -75,6 +75,15 @@ def fold_share(
     return outcome, folder.blocks()
 
 
+def fold_round(outcomes: Iterable[tuple[int, ClientTask, ClientOutcome]], n: int, acc: Accumulator, store: ClientStore | None) -> RoundOutcome:
+    """A whole round's ``n`` outcomes (client-id order) folded in one place, as the sequential and
+    Flower executors do: the canonical tree's blocks combined into ``acc``."""
+    part, blocks = fold_share(outcomes, 0, acc, store)
+    outcome = RoundOutcome(acc)
+    merge_share(outcome, part)
+    return finish_round(outcome, blocks, n)
+
+
 def merge_share(outcome: RoundOutcome, part: RoundOutcome) -> None:
     """Add a share's metrics, upload sizes and failures to the round's."""
     outcome.metrics.update(part.metrics)
@@ -132,11 +141,8 @@ class SequentialExecutor(Executor):
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], acc: Accumulator
     ) -> RoundOutcome:
         cids = sorted(tasks)
-        jobs = ((cid, tasks[cid], infos[cid], self.store.get(cid)) for cid in cids)
-        part, blocks = train_share(algorithm, self.world, jobs, 0, acc, self.store)
-        outcome = RoundOutcome(acc)
-        merge_share(outcome, part)
-        return finish_round(outcome, blocks, len(cids))
+        outcomes = ((cid, tasks[cid], run_train(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid))) for cid in cids)
+        return fold_round(outcomes, len(cids), acc, self.store)
 
     def evaluate(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]

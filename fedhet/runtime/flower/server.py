@@ -31,7 +31,7 @@ from fedhet.core.algorithm import Algorithm, ClientError
 from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
 from fedhet.core.types import Metrics
 from fedhet.runtime.codec import CodecError, Reply, Request, decode_reply, encode_request
-from fedhet.simulation.executors import Executor, RoundOutcome, finish_round, fold_share, merge_share
+from fedhet.simulation.executors import Executor, RoundOutcome, fold_round
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.world import ClientOutcome, ClientWorld
 
@@ -157,10 +157,7 @@ class FlowerExecutor(Executor):
                 return ClientOutcome(cid, None, f"round {task.round}, client {cid}: result refused: {type(err).__name__}: {err}", None)
             return ClientOutcome(cid, result, None, {STATE_ROUND: task.round}, upload_bytes)
 
-        part, blocks = fold_share(((cid, tasks[cid], outcome(cid)) for cid in cids), 0, acc, self.store)
-        result = RoundOutcome(acc)
-        merge_share(result, part)
-        return finish_round(result, blocks, len(cids))
+        return fold_round(((cid, tasks[cid], outcome(cid)) for cid in cids), len(cids), acc, self.store)
 
     def evaluate(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
