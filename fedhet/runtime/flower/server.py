@@ -222,8 +222,6 @@ def server_dataset(cfg: Any, reports: Mapping[int, Mapping[str, Any]]) -> Any:
     """The server's ``FederatedDataset``: the experiment's global test set and what a model needs
     to know about the data; every client's split is empty (clients' data stay on their nodes; what
     the server knows of them is what they report)."""
-    from dataclasses import replace
-
     from fedhet.data.base import ArrayDataset
     from fedhet.experiment.build import load_federated
 
