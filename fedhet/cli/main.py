@@ -210,9 +210,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if args.flower_command == "trial":
         from fedhet.runtime.flower.local import trial
 
-        out = Path(args.out) if args.out else _run_dir(cfg.logging.dir, cfg.name + "-flower")
+        if args.resume and args.out:
+            raise ConfigError("--resume and --out: got both; allowed: --resume DIR alone (the stopped trial's folder)")
+        out = Path(args.resume or args.out) if (args.resume or args.out) else _run_dir(cfg.logging.dir, cfg.name + "-flower")
         tiers = [t.strip() or None for t in args.tiers.split(",")] if args.tiers else []
-        run_dir = trial(cfg, out, tiers=tiers)
+        run_dir = trial(cfg, out, tiers=tiers, resume=bool(args.resume))
         print(f"deployed run: {run_dir}  (federation logs: {out / 'federation'})")
         return 0
     if args.flower_command == "export-data":
@@ -285,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     ft.add_argument("--out", help="folder for the data files, certificates, app, logs and the server's run (default: logging.dir/NAME-flower-TIME)")
     ft.add_argument("--tiers", help="comma-separated tier each node reports, by client id (default: the experiment's assignment)")
+    ft.add_argument("--resume", metavar="DIR", help="continue a stopped trial from its folder (its server checkpoint and the nodes' states)")
     for q in (fa, fe, fc, ft):
         q.set_defaults(func=cmd_flower)
     return p

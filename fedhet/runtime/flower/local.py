@@ -145,10 +145,12 @@ class LocalFederation:
             self.wait_for(f"node{i}", "SuperNode ID:")
         return proc
 
-    def run_app(self, app: str | Path, timeout: float = 3600.0, capture: bool = True) -> str:
-        """``flwr run APP --stream`` on this federation: returns when the run has ended."""
+    def run_app(self, app: str | Path, timeout: float = 3600.0, capture: bool = True, resume: bool = False) -> str:
+        """``flwr run APP --stream`` on this federation: returns when the run has ended. ``resume``:
+        continue the app's run from its checkpoint (``--run-config resume=true``)."""
         self.remember()
-        return self.flwr("run", str(app), self.CONNECTION, "--stream", timeout=timeout, capture=capture)
+        extra = ["--run-config", "resume=true"] if resume else []
+        return self.flwr("run", str(app), self.CONNECTION, "--stream", *extra, timeout=timeout, capture=capture)
 
     def remember(self) -> None:
         """Note the processes Flower has started under ours so far (to stop them too)."""
@@ -190,17 +192,27 @@ class LocalFederation:
         self.stop()
 
 
-def trial(cfg: object, out: str | Path, tiers: Sequence[str | None] = (), timeout: float = 3600.0) -> Path:
+def trial(cfg: object, out: str | Path, tiers: Sequence[str | None] = (), timeout: float = 3600.0, resume: bool = False) -> Path:
     """Run the experiment ``cfg`` on a local federation under ``out``: export its clients' data,
     start a SuperLink and one SuperNode per client (TLS, node authentication), run the app, stop
-    every process. Returns the server's run folder (``out/server``)."""
+    every process. Returns the server's run folder (``out/server``). ``resume``: continue a stopped
+    trial in ``out`` (its data files and the nodes' states beside them, its server checkpoint) on a
+    fresh federation."""
     from fedhet.experiment.build import load_federated
     from fedhet.runtime.flower.deploy import write_app
     from fedhet.runtime.flower.node import export_client_data
 
     out = Path(out)
     n = cfg.data.num_clients  # type: ignore[attr-defined]
-    files = export_client_data(load_federated(cfg), out / "data")
+    if resume:
+        files = [out / "data" / f"client_{cid}.pt" for cid in range(n)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing or not (out / "server" / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no stopped trial of this experiment (missing: {(missing or [str(out / 'server' / 'checkpoint.pt')])[:3]})")
+        if (out / "federation").exists():
+            shutil.rmtree(out / "federation")  # the stopped federation's state; a fresh one starts
+    else:
+        files = export_client_data(load_federated(cfg), out / "data")
     app = write_app(cfg, out / "app", out / "server")
     with LocalFederation(out / "federation", nodes=n) as fed:
         fed.start_superlink()
@@ -210,7 +222,7 @@ def trial(cfg: object, out: str | Path, tiers: Sequence[str | None] = (), timeou
             fed.start_supernode(i, i, files[i], tiers[i] if i < len(tiers) else None, wait=False)
         for i in range(n):
             fed.wait_for(f"node{i}", "SuperNode ID:")
-        fed.run_app(app, timeout=timeout, capture=False)
+        fed.run_app(app, timeout=timeout, capture=False, resume=resume)
     if not (out / "server" / "checkpoint.pt").exists():
         raise RuntimeError(f"the deployed run did not finish; see the logs in {out / 'federation'} (superlink.log, node<i>.log)")
     return out / "server"
