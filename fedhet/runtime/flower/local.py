@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,18 @@ def running(pid: int) -> bool:
         return False
 
 
+def flower_bin() -> Path:
+    """The folder of Flower's commands: beside this Python (a virtual environment that is not
+    activated), else on PATH."""
+    here = Path(sys.executable).parent
+    if (here / "flower-superlink").exists():
+        return here
+    found = shutil.which("flower-superlink")
+    if found is None:
+        raise RuntimeError('flower-superlink is not installed beside this Python nor on PATH; install Flower: pip install "fedhet[flower]"')
+    return Path(found).parent
+
+
 class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1, their logs and Flower's state under ``root``.
 
@@ -64,14 +77,17 @@ class LocalFederation:
     CONNECTION = "local-tls"
 
     def __init__(self, root: str | Path, nodes: int) -> None:
-        for command in ("flower-superlink", "flower-supernode", "flwr"):
-            if shutil.which(command) is None:
-                raise RuntimeError(f"{command} is not on PATH; install Flower: pip install \"fedhet[flower]\"")
+        self.bin = flower_bin()
+        for command in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr"):
+            if not (self.bin / command).exists():
+                raise RuntimeError(f"{command} is missing from {self.bin}; install Flower: pip install \"fedhet[flower]\"")
         self.root = Path(root)
         (self.root / "flwr").mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.seen: set[int] = set()
-        self.env = {**os.environ, "FLWR_HOME": str(self.root / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
+        # Flower's processes start further Flower commands by name (flower-superexec, flwr-clientapp)
+        path = os.pathsep.join([str(self.bin), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.root / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
         self.port = free_port()
         self.certs = make_certificates(self.root / "certs", hosts=["127.0.0.1"], nodes=nodes)
         (self.root / "flwr" / "config.toml").write_text(
@@ -81,8 +97,11 @@ class LocalFederation:
 
     # -- processes ---------------------------------------------------------------------------
     def start(self, name: str, *command: str) -> subprocess.Popen[bytes]:
+        """Start ``command`` (a Flower command by name, from ``self.bin``) as process ``name``."""
+        program = self.bin / command[0]
+        argv = [str(program) if program.exists() else command[0], *command[1:]]
         with open(self.root / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -103,7 +122,7 @@ class LocalFederation:
     def flwr(self, *args: str, timeout: float = 600.0, capture: bool = True) -> str:
         """Run a ``flwr`` command against this federation (``capture``: return its output; else it
         goes to this process's output); raises if it fails."""
-        done = subprocess.run(["flwr", *args], env=self.env, cwd=self.root, capture_output=capture, text=True, timeout=timeout, check=False)
+        done = subprocess.run([str(self.bin / "flwr"), *args], env=self.env, cwd=self.root, capture_output=capture, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{(done.stdout or '')[-3000:]}\n{(done.stderr or '')[-3000:]}")
         return done.stdout or ""
