@@ -6,8 +6,8 @@ Customization", ICLR 2022 (https://arxiv.org/abs/2203.09747).
 
 The global model is ``Ensemble`` of K = 1/atom bases, each the run's architecture built at width
 ``atom`` with its own classifier (model config ``{"width": atom, "ensemble": K}``). A client of width
-r trains n = clamp(floor(r/atom + 1/2), 1, K) bases (round half up; a client narrower than half an
-atom still trains one base). Which ones: the first base comes from a global shuffle sampler that
+r trains n = min(floor(r/atom), K) bases, as the authors' code does (never more than its budget); a
+tier narrower than one atom is refused when the run starts, naming the tier. Which ones: the first base comes from a global shuffle sampler that
 walks through seeded permutations of the K base ids (permutation e is drawn from
 ``(seed, "splitmix_first", e)``; the state keeps the seed and the position reached), so consecutive
 clients, across rounds, cover the bases evenly; the other n−1 are drawn without replacement from the
@@ -72,8 +72,12 @@ def num_bases(atom: float) -> int:
 
 
 def bases_for_width(width: float, atom: float, k: int) -> int:
-    """Bases a width-``width`` model holds: floor(width/atom + 1/2), at least 1 and at most K."""
-    return min(k, max(1, math.floor(width / atom + 0.5 + 1e-9)))
+    """Bases a width-``width`` model holds: floor(width/atom), at most K, as the authors' code (a
+    client never trains more than its budget). ValueError when ``width`` is below one atom."""
+    n = math.floor(width / atom + 1e-9)
+    if n < 1:
+        raise ValueError(f"width {width:g} is narrower than one base (algorithm.atom={atom:g}); allowed: widths >= atom")
+    return min(k, n)
 
 
 def ensemble_config(atom: float, n: int) -> Config:
@@ -213,6 +217,13 @@ class SplitMix(FedAvg):
     def init(self, setup: ServerSetup) -> SplitMixState:
         if setup.build_model is None:
             raise ValueError(f"{self.name}: needs the model builder in ServerSetup to build the ensemble of bases")
+        narrow = sorted({(c.tier, c.size.width) for c in setup.clients if c.size.width < self.atom - 1e-9})
+        if narrow:
+            tier, width = narrow[0]
+            raise ValueError(
+                f"algorithm.atom: got {self.atom:g}, but tier {tier!r} has width {width:g}, narrower than one base; "
+                f"allowed: atom <= the narrowest tier's width ({min(w for _, w in narrow):g}), or no tier narrower than the atom"
+            )
         for size in (*setup.sizes, *(c.size for c in setup.clients)):
             if size.depth is not None or size.density != 1.0:
                 raise ValueError(

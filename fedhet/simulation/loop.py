@@ -29,6 +29,7 @@ from fedhet.core.types import Config, Params, config_key, params_nbytes
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
 from fedhet.experiment.clusters import adjusted_rand, cluster_purity, groups_as_mapping
+from fedhet.experiment.config import ConfigError
 from fedhet.experiment.logging import Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
@@ -196,7 +197,12 @@ def init_state(run: Run) -> Any:
         initial_params=run.world.initial_params,
         rounds=run.rounds,
     )
-    return run.algorithm.init(setup)
+    try:
+        return run.algorithm.init(setup)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the algorithm refuses this fleet or model: a configuration error, said in one line
+        raise ConfigError(str(err)) from err
 
 
 def run_rounds(run: Run, resume: bool = False) -> RunResult:

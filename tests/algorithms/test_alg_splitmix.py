@@ -69,10 +69,24 @@ def test_atom_and_masked_ce_are_validated():
     assert SplitMix().k == 8 and SplitMix(atom=0.25).k == 4 and SplitMix(atom=1.0).k == 1
 
 
-def test_bases_per_width_round_half_up_with_at_least_one():
-    # r / atom with atom 1/8: 1 -> 8, 0.5 -> 4, 0.3 -> 2.4 -> 2, 0.3125 -> 2.5 -> 3, 1/16 -> 0.5 -> 1, 0.01 -> 1
-    got = [bases_for_width(w, 0.125, 8) for w in (1.0, 0.5, 0.3, 0.3125, 0.0625, 0.01)]
-    assert got == [8, 4, 2, 3, 1, 1]
+def test_bases_per_width_are_the_floor_of_the_budget():
+    # floor(r / atom) with atom 1/8: 1 -> 8, 0.5 -> 4, 0.3 -> 2.4 -> 2, 0.3125 -> 2.5 -> 2, 0.375 -> 3, 0.2499 -> 1.999 -> 1
+    got = [bases_for_width(w, 0.125, 8) for w in (1.0, 0.5, 0.3, 0.3125, 0.375, 0.2499)]
+    assert got == [8, 4, 2, 2, 3, 1]
+    for narrow in (0.0625, 0.01):
+        with pytest.raises(ValueError, match=rf"width {narrow:g} is narrower than one base \(algorithm.atom=0.125\)"):
+            bases_for_width(narrow, 0.125, 8)
+
+
+def test_a_tier_narrower_than_the_atom_is_refused_naming_it(tmp_path):
+    from fedhet.experiment.build import build_run
+    from fedhet.experiment.config import load_config
+    from fedhet.simulation.loop import init_state
+
+    cfg = load_config(None, ["algorithm.name=splitmix", "algorithm.atom=0.25", "data.dataset=synthetic", "data.num_clients=6", "model.name=mlp", "devices.tiers=a1-b1-c1-d1"])
+    run = build_run(cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"algorithm.atom: got 0.25, but tier 'd' has width 0.125, narrower than one base"):
+        init_state(run)
 
 
 def test_init_builds_the_ensemble_and_rejects_depth_tiers():
