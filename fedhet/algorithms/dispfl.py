@@ -12,10 +12,13 @@ densities at the density of the client's tier. In every round every client (Algo
    bitmap (what a sparse model really costs on a link);
 2. averages them with its own last model element-wise by mask counts,
    ``w̄ = Σ_j m_j ⊙ w_j / Σ_j m_j`` (0 where no one holds a position), and starts from ``m_k ⊙ w̄``;
-3. trains with the mask applied to every gradient step (``w ← w − η m_k ⊙ g``);
+3. trains sparsely: as the authors' code, each step clips the full gradient, steps, and sets the
+   inactive weights back to 0 (``mask_gradient: true``: masks the gradient before clipping and
+   stepping instead, ``w ← w − η m_k ⊙ g`` as Algorithm 1 writes it);
 4. publishes the trained model on the mask it trained with, then updates its mask for the next
-   round (Algorithm 2): the ``⌈d_t·nnz⌉`` smallest-magnitude active weights of each tensor are
-   dropped, with ``d_t = (α/2)(1 + cos(π t/T))``, and as many inactive positions are regrown.
+   round (Algorithm 2, as the authors' code runs it): the ``⌈d_t·nnz⌉`` smallest-magnitude active
+   weights of each tensor are dropped, with ``d_t = (α/2)(1 + cos(π t/T))``, and as many positions
+   inactive after the drop are regrown (a position just dropped may come back).
 
 ``regrow`` chooses the regrown positions: ``random`` (what the released scripts run),
 ``gradient`` (largest |∇| of one dense mini-batch gradient at the trained weights, the paper's
@@ -34,7 +37,7 @@ malformed one is rejected and the sender's previous message stays.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +103,8 @@ class DisPFL(Algorithm[DisPFLState]):
         the local top-k and regrow before training).
     erk_power: exponent of the ERK layer-density rule (``erk_power_scale``).
     static: keep every client's initial mask (no prune and regrow).
+    mask_gradient: also mask the gradient before clipping and stepping (the paper's Algorithm 1);
+        default false: clip the full gradient, step, then zero the inactive weights (the authors' code).
     """
 
     heterogeneous = True
@@ -112,6 +117,7 @@ class DisPFL(Algorithm[DisPFLState]):
     mask_update: str = "training"
     erk_power: float = 1.0
     static: bool = False
+    mask_gradient: bool = False
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -229,18 +235,10 @@ class DisPFL(Algorithm[DisPFLState]):
             # My-2: keep the local top-k of the client's own weights, regrow from the aggregate
             mask = self._new_mask(own, mask, drop, agg, model, ctx)
         load_params(model, {k: (v * mask[k] if k in mask else v) for k, v in agg.items()})
-        dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        on_device = {n: m.to(device=ctx.device, dtype=dtypes[n]) for n, m in mask.items()}
-
-        def masked_gradient(m: nn.Module) -> None:
-            # Algorithm 1, line 12: w ← w − η (m ⊙ g); inactive weights stay exactly 0
-            for n, p in m.named_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(on_device[n])
-
+        after_backward, after_step = mask_hooks(mask, model, mask_gradient=self.mask_gradient)
         stats = train(
             model, ctx.train, self.local, ctx.generator, rnd=task.round, device=ctx.device,
-            after_backward=[masked_gradient], transform=ctx.transform,
+            after_backward=after_backward, after_step=after_step, transform=ctx.transform,
         )
         trained = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         new_mask = mask
@@ -282,6 +280,33 @@ class DisPFL(Algorithm[DisPFLState]):
                     raise ClientError(f"{name[: -len(BITS)]}: {None if values is None else values.numel()} values for {kept} kept positions")
             elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ClientError(f"{name}: contains NaN or inf")
+
+
+def mask_hooks(
+    mask: Mapping[str, torch.Tensor], model: nn.Module, *, mask_gradient: bool = False
+) -> tuple[list[Callable[[nn.Module], None]], list[Callable[[nn.Module], None]]]:
+    """The training hooks that keep a client's model sparse: (after backward, after step).
+
+    After every step the inactive weights are set back to 0 (the authors' code: clip the full
+    gradient, step, re-apply the mask). With ``mask_gradient`` the gradient is also masked right
+    after backward, before clipping (Algorithm 1, line 12: ``w ← w − η (m ⊙ g)``): the clipping norm
+    then counts only the active positions, and momentum never builds up on inactive ones."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    on_device = {n: m.to(device=device, dtype=dtypes[n]) for n, m in mask.items()}
+
+    def masked_gradient(m: nn.Module) -> None:
+        for n, p in m.named_parameters():
+            if p.grad is not None and n in on_device:
+                p.grad.mul_(on_device[n])
+
+    @torch.no_grad()
+    def reapply_mask(m: nn.Module) -> None:
+        for n, p in m.named_parameters():
+            if n in on_device:
+                p.mul_(on_device[n])
+
+    return ([masked_gradient] if mask_gradient else []), [reapply_mask]
 
 
 def _peer_messages(extras: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -6,7 +6,11 @@ are configurations of the same code:
 - ``tiered``: each client trains its tier's size (needs an algorithm with sub-models);
 - ``all_large``: every client trains the largest tier's model, resource limits ignored;
 - ``all_small``: every client trains the smallest tier's model;
-- ``drop_weak``: clients below the largest tier are left out of training; the rest train the largest;
+- ``drop_weak``: clients below the largest tier are left out of training; the rest train the largest.
+  By default (``devices.drop_weak: after_selection``) the round's clients are drawn from the whole
+  population and the weak ones among them are left out, as in the papers, so strong clients take
+  part exactly as often as under any other policy; ``before_selection`` draws among the strong
+  clients only (each then takes part more often);
 - ``auto``: ``tiered`` for algorithms with sub-models (or personal models), else ``all_large``.
 """
 
@@ -20,6 +24,7 @@ from fedhet.devices.availability import Availability
 from fedhet.devices.tiers import Tier, assign_tiers, largest, smallest
 
 POLICIES = ("auto", "tiered", "all_large", "all_small", "drop_weak")
+DROP_WEAK = ("after_selection", "before_selection")
 
 
 def resolve_policy(policy: str, heterogeneous: bool, algorithm: str) -> str:
@@ -48,8 +53,12 @@ class Fleet:
     #: tiers that clients report themselves (deployed nodes' ``tier``), by client; ``None`` or an
     #: empty tuple: the tier comes from ``assignment``
     reported_tiers: tuple[str | None, ...] = ()
+    #: with ``drop_weak``: leave weak clients out ``after_selection`` (like-for-like) or ``before_selection``
+    drop_weak: str = "after_selection"
 
     def __post_init__(self) -> None:
+        if self.drop_weak not in DROP_WEAK:
+            raise ValueError(f"devices.drop_weak: got {self.drop_weak!r}, allowed: {', '.join(DROP_WEAK)}")
         names = [t.name for t in self.tiers]
         for cid, name in enumerate(self.reported_tiers):
             if name is not None and name not in names:
@@ -84,14 +93,18 @@ class Fleet:
 
     def eligible(self, infos: Sequence[ClientInfo], rnd: int | None = None) -> list[ClientInfo]:
         """Clients that may be selected for training in round ``rnd``: online ones (see
-        ``Availability.unavailable``), and with ``drop_weak`` only those of the largest tier."""
+        ``Availability.unavailable``); with ``drop_weak`` drawn ``before_selection``, only those of the
+        largest tier."""
         out = list(infos)
         if rnd is not None:
             out = [c for c in out if not self.availability.offline(c.id, rnd, self.seed)]
-        if self.policy != "drop_weak":
+        if self.policy != "drop_weak" or self.drop_weak != "before_selection":
             return out
-        top = largest(self.tiers).name
-        return [c for c in out if c.tier == top]
+        return [c for c in out if not self.weak(c)]
+
+    def weak(self, info: ClientInfo) -> bool:
+        """Whether ``drop_weak`` leaves this client out of training (a tier below the largest)."""
+        return self.policy == "drop_weak" and info.tier != largest(self.tiers).name
 
     def dropped(self, cid: int, rnd: int) -> bool:
         return self.availability.dropped(cid, rnd, self.seed)

@@ -252,6 +252,7 @@ def build_run(
             num_test=clients.num_test,
             availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
             reported_tiers=clients.tiers,
+            drop_weak=cfg.devices.drop_weak,
         )
     except ValueError as err:
         raise _error(err) from None

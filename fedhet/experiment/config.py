@@ -81,6 +81,10 @@ class DevicesConfig(_Section):
     tiers: str | list[dict[str, Any]] = "a1"
     assignment: Literal["fixed", "dynamic"] = "fixed"
     policy: Literal["auto", "tiered", "all_large", "all_small", "drop_weak"] = "auto"
+    #: with policy drop_weak: ``after_selection`` draws the round's clients from the whole population
+    #: and leaves the weak ones out (the papers' DropWeak: strong clients take part as often as under
+    #: any other policy); ``before_selection`` draws only among the strong clients
+    drop_weak: Literal["after_selection", "before_selection"] = "after_selection"
     dropout: float = Field(0.0, ge=0, lt=1)
     #: probability that a client is offline (cannot be selected) in a round
     unavailable: float = Field(0.0, ge=0, lt=1)

@@ -55,9 +55,10 @@ layer (HeteroFL's scaler; identity in evaluation). ``norm`` is one of :data:`~fe
 Registered models:
 
 - ``resnet18``: ``hidden=(64, 128, 256, 512)``, ``blocks=(2, 2, 2, 2)``: the standard pre-activation
-  ResNet-18 (11,171,786 parameters with 10 classes). HeteroFL's code names ``resnet18`` a network
-  with ``blocks=[1, 1, 1, 2]`` (9,621,706 parameters, its reported "9622K"); pass
-  ``blocks=(1, 1, 1, 2)`` to build that one. With 100 classes: 11,218,340 parameters; with
+  ResNet-18 (11,171,786 parameters with 10 classes), as HeteroFL's current code builds its
+  ``resnet18``. Before its "fix resnet18" commit (d026a91), that code built ``blocks=[1, 1, 1, 2]``
+  (9,621,706 parameters: the "9622K" the HeteroFL paper reports); pass ``blocks=(1, 1, 1, 2)`` to
+  build that one. With 100 classes: 11,218,340 parameters; with
   ``exits="all", exit_head="bottleneck"`` 12,282,448 (exits 0..2: 329,956, 342,372 and 391,780; the
   authors' post-activation DepthFL ResNet-18 has 12,283,344).
 - ``resnet_small``: ``hidden=(16, 32, 64, 128)``, ``blocks=(1, 1, 1, 1)``, for CPU-scale runs.

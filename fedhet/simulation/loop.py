@@ -249,14 +249,18 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     f"but the selector picked {len(selected)} of {len(eligible)}; allowed: select every client "
                     "(leave selection.clients_per_round and selection.fraction unset)"
                 )
-            reporting = [cid for cid in selected if not run.fleet.dropped(cid, rnd)]
-            tasks = alg.configure(state, rnd, [by_id[c] for c in selected])
+            # drop_weak (after selection): selected weak clients are left out; nothing is sent to them
+            weak = {cid for cid in selected if run.fleet.weak(by_id[cid])}
+            reporting = [cid for cid in selected if cid not in weak and not run.fleet.dropped(cid, rnd)]
+            tasks = alg.configure(state, rnd, [by_id[c] for c in selected if c not in weak])
             live = {cid: tasks[cid] for cid in reporting if cid in tasks}
             outcome = run.executor.train(alg, live, by_id, alg.accumulator(state, rnd))
             state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
             sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
 
-            row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(reporting)}
+            row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(weak) - len(reporting)}
+            if run.fleet.policy == "drop_weak":
+                row["left_out_weak"] = len(weak)
             client_rows = []
             total_examples = 0
             loss_sum = 0.0
@@ -280,6 +284,8 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     loss_sum += m.get("train_loss", 0.0) * seen
                 elif cid in outcome.failures:
                     crow["error"] = outcome.failures[cid]
+                elif cid in weak:
+                    crow["left_out"] = "devices.policy drop_weak: not the largest tier"
                 else:
                     crow["error"] = "dropped out"
                 client_rows.append(crow)

@@ -11,8 +11,9 @@ training (DisPFL and other mask-based methods build on these; a mask becomes a s
 - :func:`drop_fraction`: the cosine-annealed share of active weights replaced,
   ``(α/2)·(1 + cos(π·t/T))``.
 - :func:`prune_and_regrow`: per tensor, drop the ``ceil(f·nnz)`` active weights of smallest
-  magnitude and activate as many inactive positions, by largest score (e.g. gradient magnitude) or at
-  random; the number of active weights is unchanged.
+  magnitude and activate as many of the positions then inactive (just-dropped ones included, as in
+  DisPFL's released code), by largest score (e.g. gradient magnitude) or at random; the number of
+  active weights is unchanged.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def prune_and_regrow(
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """New masks: per tensor, ``k = ceil(fraction·nnz)`` active positions with the smallest ``|w|``
-    are dropped and ``k`` inactive ones (inactive before the drop) are activated: those with the
-    largest ``|scores|`` when ``scores`` is given, else at random from ``generator``. Ties break by
-    position. A tensor with fewer than ``k`` inactive positions regrows what it can."""
+    are dropped, then ``k`` positions inactive after the drop are activated (a position just dropped
+    may come back, as in DisPFL's released code): those with the largest ``|scores|`` when
+    ``scores`` is given, else at random from ``generator``. Ties break by position. The number kept
+    active stays ``nnz``."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction: got {fraction!r}, allowed: 0 <= fraction <= 1")
     if scores is None and generator is None:
@@ -94,12 +96,12 @@ def prune_and_regrow(
         mask = masks[name].reshape(-1).to(torch.bool)
         w = weights[name].detach().reshape(-1).abs().to(torch.float64).cpu()
         active = torch.nonzero(mask).reshape(-1)
-        inactive = torch.nonzero(~mask).reshape(-1)
-        k = min(math.ceil(fraction * len(active)), len(inactive))
+        k = math.ceil(fraction * len(active))
         new = mask.clone()
         if k > 0:
             order = torch.argsort(w[active], stable=True)
             new[active[order[:k]]] = False
+            inactive = torch.nonzero(~new).reshape(-1)  # after the drop: the dropped ones included
             if scores is not None:
                 s = scores[name].detach().reshape(-1).abs().to(torch.float64).cpu()
                 grow = inactive[torch.argsort(-s[inactive], stable=True)[:k]]

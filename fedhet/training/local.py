@@ -132,6 +132,7 @@ def train(
     loss_fn: LossFn | None = None,
     terms: Sequence[LossTerm] = (),
     after_backward: Sequence[GradHook] = (),
+    after_step: Sequence[GradHook] = (),
     transform: Transform | None = None,
     parameters: Sequence[nn.Parameter] | None = None,
 ) -> TrainStats:
@@ -139,7 +140,9 @@ def train(
 
     Batch order and augmentation draw only from ``generator``. The optimizer is ``spec.optimizer``. ``parameters`` restricts what the
     optimizer updates (default: every parameter of ``model``). ``loss_fn`` defaults to the loss of
-    the data's task (cross-entropy for classification).
+    the data's task (cross-entropy for classification). Each step: forward, loss (plus ``terms``),
+    backward, the ``after_backward`` hooks, gradient clipping (``spec.grad_clip``), the optimizer
+    step, the ``after_step`` hooks (e.g. re-applying a sparse mask).
     """
     start = time.perf_counter()
     loss_fn = loss_fn or data.task.loss
@@ -170,6 +173,8 @@ def train(
             if spec.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
+            for hook in after_step:
+                hook(model)
             n = int(y.shape[0])
             total_loss += data_loss * n
             if isinstance(output, torch.Tensor):

@@ -266,3 +266,25 @@ def test_end_to_end_every_client_trains_every_round_and_links_are_counted(tmp_pa
 def test_a_decentralized_run_refuses_partial_selection(tmp_path):
     with pytest.raises(ConfigError, match="selection.fraction: got 0.5.*decentralized"):
         build_run(load_config(None, _overrides("selection.fraction=0.5")), tmp_path)
+
+
+@pytest.mark.parametrize(("mask_gradient", "expected"), [(False, [0.4, 0.0]), (True, [0.0, 0.0])])
+def test_gradient_clipping_order_by_hand(mask_gradient: bool, expected: list[float]) -> None:
+    """One step of w = [1, 0] with mask [1, 0], gradient [3, 4], clipping at norm 1, lr 1.
+
+    Default (the authors' code): clip the full gradient (norm 5 -> [0.6, 0.8]), step
+    (w = [0.4, -0.8]), re-apply the mask -> [0.4, 0]. ``mask_gradient`` (the paper's Algorithm 1):
+    mask the gradient first ([3, 0], norm 3 -> [1, 0]), then step -> [0, 0]."""
+    from torch import nn
+
+    from fedhet.algorithms.dispfl import mask_hooks
+    from fedhet.training.local import train
+
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    data = ArrayDataset(torch.tensor([[3.0, 4.0]]), torch.tensor([0]))
+    after_backward, after_step = mask_hooks({"weight": torch.tensor([[True, False]])}, model, mask_gradient=mask_gradient)
+    spec = LocalTraining(epochs=1, batch_size=1, lr=1.0, grad_clip=1.0)
+    train(model, data, spec, torch.Generator().manual_seed(0), loss_fn=lambda out, y: out.sum(), after_backward=after_backward, after_step=after_step)
+    assert torch.allclose(model.weight.detach(), torch.tensor([expected]), atol=1e-6)

@@ -177,9 +177,11 @@ def test_drop_weak_trains_only_the_largest_tier(tmp_path):
         tmp_path, "dw", ["data.num_clients=4", "devices.tiers=a1-b1", "devices.policy=drop_weak"], rounds=3
     )
     rows = _rows(run.run_dir, "clients.jsonl")
-    assert sorted({r["client"] for r in rows}) == [0, 1]
-    assert all(r["tier"] == "a" for r in rows)
-    assert [r["trained"] for r in result.history] == [2, 2, 2]
+    trained = [r for r in rows if "train_loss" in r]
+    assert sorted({r["client"] for r in trained}) == [0, 1] and all(r["tier"] == "a" for r in trained)
+    # every client is selected (as under any policy); the tier-b ones are left out, not trained
+    assert all(r["tier"] == "b" and "left_out" in r for r in rows if "train_loss" not in r)
+    assert [(r["trained"], r["left_out_weak"]) for r in result.history] == [(2, 2)] * 3
     assert result.params["body.0.weight"].shape == (8, 20)  # the largest tier's width
 
 

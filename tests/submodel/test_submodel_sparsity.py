@@ -55,17 +55,35 @@ def test_drop_fraction_is_cosine_annealed():
 def test_prune_and_regrow_by_hand():
     w = torch.tensor([0.5, -0.1, 0.0, 0.3, 0.0, 0.0, -0.9, 0.0])
     mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    # nnz 4, fraction 0.5 -> k = 2: drop the smallest |w| among the active (positions 1: 0.1, 3: 0.3),
+    # then regrow the 2 positions with the largest |grad| among those inactive AFTER the drop, as the
+    # authors' code does: 1 and 3 (|grad| 9) come straight back
     grad = torch.tensor([9.0, 9.0, 0.2, 9.0, -0.7, 0.1, 9.0, 0.4])
-    # nnz 4, fraction 0.5 -> k = 2: drop |w| smallest active (positions 1: 0.1, 3: 0.3);
-    # regrow the 2 inactive positions with the largest |grad| (4: 0.7, 7: 0.4)
     new = prune_and_regrow({"w": w}, {"w": mask}, 0.5, scores={"w": grad})["w"]
-    assert new.tolist() == [True, False, False, False, True, False, True, True]
-    # k = ceil(0.3·4) = 2 as well; random regrowth picks 2 of the 4 positions inactive before the drop
+    assert new.tolist() == [True, True, False, True, False, False, True, False]
+    # with smaller gradients there: inactive after the drop are 1, 2, 3, 4, 5, 7 with |grad| 0.5, 0.2,
+    # 0.6, 0.7, 0.1, 0.4 -> regrow 4 and 3
+    grad = torch.tensor([9.0, 0.5, 0.2, 0.6, -0.7, 0.1, 9.0, 0.4])
+    new = prune_and_regrow({"w": w}, {"w": mask}, 0.5, scores={"w": grad})["w"]
+    assert new.tolist() == [True, False, False, True, True, False, True, False]
+    # k = ceil(0.3·4) = 2 as well; random regrowth picks 2 of the 6 positions inactive after the drop
     rnd = prune_and_regrow({"w": w}, {"w": mask}, 0.3, generator=torch.Generator().manual_seed(0))["w"]
-    assert int(rnd.sum()) == 4 and rnd[0] and rnd[6] and not rnd[1] and not rnd[3]
+    assert int(rnd.sum()) == 4 and rnd[0] and rnd[6]
     assert torch.equal(prune_and_regrow({"w": w}, {"w": mask}, 0.0, scores={"w": grad})["w"], mask)
     with pytest.raises(ValueError, match="scores"):
         prune_and_regrow({"w": w}, {"w": mask}, 0.5)
+
+
+def test_the_number_dropped_is_ceil_of_the_fraction_without_a_cap():
+    # nnz 4 of 5, fraction 0.6 -> k = ceil(2.4) = 3, though only 1 position was inactive before the drop:
+    # drop 1 (0.1), 2 (0.2), 3 (0.3); regrow the 3 largest |score| of 1, 2, 3, 4 -> 4, 3, 2
+    w = torch.tensor([0.5, -0.1, 0.2, 0.3, 0.0])
+    mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
+    new = prune_and_regrow({"w": w}, {"w": mask}, 0.6, scores={"w": torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])})["w"]
+    assert new.tolist() == [True, False, True, True, True]
+    # fraction 1: every active weight is dropped, and as many are regrown among all positions
+    new = prune_and_regrow({"w": w}, {"w": mask}, 1.0, scores={"w": torch.tensor([5.0, 0.0, 1.0, 2.0, 3.0])})["w"]
+    assert new.tolist() == [True, False, True, True, True]
 
 
 def test_mask_count_average_through_coverage_sum():
