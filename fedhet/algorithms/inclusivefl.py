@@ -19,7 +19,9 @@ classifier. Every round, per tier:
    tier's own top block (``local_top``) and its classifier, which stay with the tier.
 
 The released code's momentum distillation is a no-op after the first round (the stored momentum is
-overwritten in a loop and then never applied); this module applies the rule above every round. The
+overwritten in a loop and then never applied); this module applies the rule above every round, and
+``distillation: released`` reproduces what the released code computes instead (a shallow tier's
+top block scaled by 1 − β in round 1 only, the deepest tier's top block by 1 − β every round). The
 released code also trains by FedSGD (one pooled gradient per tier); here clients run the usual local
 training, so local epochs and steps are set like any other algorithm's. ``beta: 0`` is InclusiveFL
 without momentum distillation. Every tier's model is evaluated (``depth_<L>``, deepest first).
@@ -45,6 +47,7 @@ from fedhet.submodel.architecture import DepthBlock
 from fedhet.submodel.family import ModelFamily, size_config
 
 Key = ConfigKey
+DISTILLATION = ("paper", "released")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class InclusiveState:
     trainable: dict[Key, frozenset[str]]
     momentum: dict[Key, Params]
     family: ModelFamily
+    #: ``distillation: released``: the tiers whose momentum has been set (after which the released
+    #: code no longer applies it)
+    momentum_set: frozenset[Key] = frozenset()
 
 
 class ConfigKey:
@@ -93,17 +99,24 @@ class InclusiveFL(FedAvg):
     beta: momentum-distillation weight β (0: InclusiveFL without momentum distillation; the paper
         finds 0.2-0.5 best and > 0.8 harmful).
     local_top: keep every tier's top block out of the cross-tier average (the paper's setting).
+    distillation: ``paper`` (the rule of the paper, every round) or ``released`` (what the released
+        code computes, for exact comparison with it: a shallow tier's top-block pseudo-gradient is
+        scaled by 1 − β until its momentum is first set, i.e. in round 1 only, and the deepest
+        tier's top block by 1 − β every round).
     (``server``: each tier's server optimizer, e.g. ``fedadam``; ``weighting`` as FedAvg.)
     """
 
     beta: float = 0.2
     local_top: bool = True
+    distillation: str = "paper"
     heterogeneous = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"algorithm.beta: got {self.beta!r}, allowed: 0 <= beta <= 1")
+        if self.distillation not in DISTILLATION:
+            raise ValueError(f"algorithm.distillation: got {self.distillation!r}, allowed: {', '.join(DISTILLATION)}")
 
     # -- server -----------------------------------------------------------------------------------
     def init(self, setup: ServerSetup) -> InclusiveState:
@@ -192,7 +205,10 @@ class InclusiveFL(FedAvg):
             shares[key] = group.total
         # 2. momentum distillation: the shallow tier's top block follows the deeper tier's layers
         momentum = dict(state.momentum)
-        if self.beta > 0:
+        momentum_set = state.momentum_set
+        if self.beta > 0 and self.distillation == "released":
+            momentum_set = self._released_distillation(state, grads)
+        elif self.beta > 0:
             for lo, hi in zip(state.order[:-1], state.order[1:]):
                 a = state.depths[lo] - 1
                 if lo in grads:
@@ -217,7 +233,26 @@ class InclusiveFL(FedAvg):
         metrics: Metrics = {"aggregated_clients": float(acc.count)}
         for key in state.order:
             metrics[f"clients_depth_{state.depths[key]}"] = float(acc.groups[key].count) if key in acc.groups else 0.0
-        return InclusiveState(state.order, state.depths, params, opt_states, state.trainable, momentum, state.family), metrics
+        new = InclusiveState(state.order, state.depths, params, opt_states, state.trainable, momentum, state.family, momentum_set)
+        return new, metrics
+
+    def _released_distillation(self, state: InclusiveState, grads: dict[Key, Params]) -> frozenset[Key]:
+        """The released code's momentum distillation, in place on ``grads``: its momentum is an
+        integer 0 until first set from the deeper tier, and is applied (``g ← β·0 + (1 − β)·g``) only
+        while it is that integer; the deepest tier's is never set. Returns the tiers whose momentum is
+        set after this round."""
+        done = set(state.momentum_set)
+        for lo, hi in zip(state.order[:-1], state.order[1:]):
+            if lo in grads and lo not in done:
+                for n in state.momentum[lo]:
+                    grads[lo][n] = (1.0 - self.beta) * grads[lo][n]
+            if hi in grads:
+                done.add(lo)
+        deepest = state.order[-1]
+        if deepest in grads:
+            for n in self._top(state.family, state.depths[deepest], state.trainable[deepest]):
+                grads[deepest][n] = (1.0 - self.beta) * grads[deepest][n]
+        return frozenset(done)
 
     def private(self, state: InclusiveState, key: Key, name: str) -> bool:
         """Whether ``name`` stays with tier ``key``: its classifier (any exit), and its top block."""

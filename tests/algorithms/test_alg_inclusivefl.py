@@ -134,6 +134,29 @@ def test_momentum_distillation_by_hand():
     assert torch.allclose(p1.params[lo]["body.0.weight"], start - 1.0)
 
 
+def test_released_code_distillation_by_hand():
+    """The released code's rule, tiers of depth 1 and 2, β = 0.5, the same shifts as above. Round 1:
+    the depth-1 top block's g = 1 becomes 0.5·0 + 0.5·1 = 0.5 (its momentum is still the integer 0);
+    the depth-2 tier's top block 1 (g = 4) is scaled to 2 every round, its block 0 (g = 2) is not.
+    Round 2: the depth-1 momentum is set, so nothing is applied: g = 1."""
+    sizes = (ModelSize(depth=2), ModelSize(depth=1))
+    alg = InclusiveFL(beta=0.5, distillation="released")
+    state = alg.init(_setup(sizes, ModelSize(depth=2)))
+    lo, hi = _key(1), _key(2)
+    lo0, hi0, hi1 = (state.params[k][n].clone() for k, n in ((lo, "body.0.weight"), (hi, "body.0.weight"), (hi, "body.1.weight")))
+    shifts = {1: {0: 1.0}, 2: {0: 2.0, 1: 4.0}}
+    s1, _ = _round(alg, state, 1, shifts)
+    assert torch.allclose(s1.params[lo]["body.0.weight"], lo0 - 0.5)
+    assert torch.allclose(s1.params[hi]["body.0.weight"], hi0 - 2.0)
+    assert torch.allclose(s1.params[hi]["body.1.weight"], hi1 - 2.0)
+    assert s1.momentum_set == frozenset({lo})
+    s2, _ = _round(alg, s1, 2, shifts)
+    assert torch.allclose(s2.params[lo]["body.0.weight"], lo0 - 0.5 - 1.0)
+    assert torch.allclose(s2.params[hi]["body.1.weight"], hi1 - 4.0)
+    with pytest.raises(ValueError, match=r"algorithm.distillation: got 'code', allowed: paper, released"):
+        InclusiveFL(distillation="code")
+
+
 def test_a_tier_without_clients_still_receives_the_shared_layers():
     alg = InclusiveFL(beta=0.0)
     state = alg.init(_setup())
