@@ -8,8 +8,8 @@ The global model is ``Ensemble`` of K = 1/atom bases, each the run's architectur
 ``atom`` with its own classifier (model config ``{"width": atom, "ensemble": K}``). A client of width
 r trains n = min(floor(r/atom), K) bases, as the authors' code does (never more than its budget); a
 tier narrower than one atom is refused when the run starts, naming the tier. Which ones: the first
-base comes from a global shuffle sampler that walks through seeded permutations of the K base ids (permutation e is drawn from
-``(seed, "splitmix_first", e)``; the state keeps the seed and the position reached), so consecutive
+base comes from a global shuffle sampler that walks through seeded permutations of the K base ids
+(permutation e is drawn from ``(seed, "splitmix_first", e)``; the state keeps the seed and the position reached), so consecutive
 clients, across rounds, cover the bases evenly; the other n−1 are drawn without replacement from the
 remaining ids with a generator keyed by ``(seed, round, client id)``. The task carries only the
 chosen bases' tensors, under their global names ``bases.{id}.*``; the client loads them into an
