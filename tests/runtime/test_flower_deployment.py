@@ -98,7 +98,7 @@ def test_deployment_gives_the_sequential_executors_bits(federation: LocalFederat
 
 
 def test_a_killed_supernode_is_left_out_and_the_run_completes(federation: LocalFederation) -> None:
-    overrides = _overrides("fedavg", 3, "eval.clients=false", "runtime.flower.timeout=15")
+    overrides = _overrides("fedavg", 3, "eval.clients=false", "runtime.flower.timeout=25")
     cfg = load_config(None, overrides)
     run_dir = federation.root / "runs" / "kill"
     app = write_app(cfg, federation.root / "apps" / "kill", run_dir)
