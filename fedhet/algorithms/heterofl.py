@@ -31,7 +31,7 @@ from fedhet.core.algorithm import ClientStatistics, ServerSetup, load_params, mo
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params, config_key
-from fedhet.models.layers import has_static_bn, with_bn_sums, with_static_bn
+from fedhet.models.layers import BN_SUMS, has_static_bn, with_bn_sums, with_static_bn
 from fedhet.submodel.family import ModelFamily, size_config
 from fedhet.submodel.spec import WIDTH_MODES, CoverageSum, SubmodelSpec
 from fedhet.training.local import evaluate, train
@@ -173,7 +173,7 @@ class HeteroFL(FedAvg):
     def eval_model(self, model: nn.Module, clients: ClientStatistics) -> nn.Module:
         """With static BN, the model with BatchNorm statistics summed over every client's training data
         (asked of the clients only when the model has BatchNorm layers without running statistics)."""
-        return with_bn_sums(model, clients.total("bn_sums")) if self.static_bn and has_static_bn(model) else model
+        return with_bn_sums(model, clients.total(BN_SUMS)) if self.static_bn and has_static_bn(model) else model
 
     # -- client -----------------------------------------------------------------------------------
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:

@@ -22,7 +22,7 @@ from fedhet.aggregation.base import Accumulator, Collect
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, Metrics, Params
-from fedhet.models.layers import bn_sums
+from fedhet.models.layers import BN_SUMS, bn_sums
 from fedhet.training.local import LocalTraining, evaluate, probe_model
 
 S = TypeVar("S")
@@ -148,7 +148,7 @@ class Algorithm(Generic[S]):
         statistics (``bn_sums``, :func:`fedhet.models.layers.bn_sums`). Default: the task's model as sent."""
         model = ctx.build_model(task.config)
         load_params(model, task.params)
-        if what == "bn_sums":
+        if what == BN_SUMS:
             return bn_sums(model, ctx.train, device=ctx.device)
         return probe_model(model, ctx.train, what, batch=batch, generator=ctx.generator, device=ctx.device)
 

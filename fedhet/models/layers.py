@@ -21,6 +21,8 @@ from fedhet.data.base import ArrayDataset
 from fedhet.training.local import eval_order
 
 NORMS = ("bn", "batch", "gn", "none")
+#: the federated query a client answers with :func:`bn_sums` (``Algorithm.probe``)
+BN_SUMS = "bn_sums"
 
 
 class Scaler(nn.Module):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,56 @@ class Request:
 
 
 @dataclass(frozen=True)
+class NodeReport:
+    """What a node reports about its client when it joins (its answer to the ``info`` query)."""
+
+    client: int
+    num_train: int
+    num_test: int
+    #: training examples per label; empty unless the algorithm uses it (``needs_label_counts``)
+    label_counts: tuple[int, ...] = ()
+    #: the tier the node declares (``--node-config tier=...``); None: the experiment's assignment
+    tier: str | None = None
+    #: the group an exported data file records (scores clustered methods on trial data; else 0)
+    group: int = 0
+    #: a digest of the node's data (which data a run trained on)
+    data_digest: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "report") -> NodeReport:
+        """Checked: every count an integer >= 0, the tier a string or None."""
+        if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(cls)}:
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise CodecError(f"{where}: got {got}, expected the fields {[f.name for f in fields(cls)]}")
+
+        def count(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CodecError(f"{where}.{key}: got {value!r}, allowed: an integer >= 0")
+            return value
+
+        labels = raw["label_counts"]
+        if not isinstance(labels, list):
+            raise CodecError(f"{where}.label_counts: got {labels!r}, allowed: a list of integers >= 0")
+        tier, digest = raw["tier"], raw["data_digest"]
+        if tier is not None and not isinstance(tier, str):
+            raise CodecError(f"{where}.tier: got {tier!r}, allowed: a tier name or null")
+        if not isinstance(digest, str):
+            raise CodecError(f"{where}.data_digest: got {digest!r}, allowed: a string")
+        return cls(
+            client=count("client", raw["client"]),
+            num_train=count("num_train", raw["num_train"]),
+            num_test=count("num_test", raw["num_test"]),
+            label_counts=tuple(count("label_counts", v) for v in labels),
+            tier=tier,
+            group=count("group", raw["group"]),
+            data_digest=digest,
+        )
+
+
+@dataclass(frozen=True)
 class Reply:
     """One client's answer: ``error`` set, or the field of its request's kind."""
 
@@ -74,8 +124,8 @@ class Reply:
     upload_bytes: int | None = None
     metrics: Metrics = field(default_factory=dict)
     answer: torch.Tensor | None = None
-    #: the answer to an ``info`` query: what the node reports about its client (plain values)
-    node_info: dict[str, Any] | None = None
+    #: the answer to an ``info`` query: what the node reports about its client
+    report: NodeReport | None = None
     #: a quantized upload as sent (``result`` then carries only the example count and metrics; the
     #: server rebuilds the tensors from the task it sent, ``fedhet.communication.upload.unpack_upload``)
     packed: PackedUpload | None = None
@@ -290,8 +340,8 @@ def encode_reply(reply: Reply) -> Any:
             records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.result.metrics.items()})
         elif reply.kind == "evaluate":
             records["metrics"] = app.MetricRecord({k: float(v) for k, v in reply.metrics.items()})
-        elif reply.node_info is not None:
-            header["node_info"] = dumps(reply.node_info, "node_info")
+        elif reply.report is not None:
+            header["report"] = dumps(reply.report.as_json(), "report")
         elif reply.kind == "query":
             if reply.answer is None:
                 raise CodecError("reply: a query reply without an error needs an answer")
@@ -395,11 +445,9 @@ def decode_reply(rd: Any) -> Reply:
         return Reply(kind, client, result=result, upload_bytes=None if upload < 0 else upload)
     if kind == "evaluate":
         return Reply(kind, client, metrics=_metrics(rd, "reply"))
-    if "node_info" in header:
-        node_info = loads(_field(header, "node_info", str, "reply header"), "node_info")
-        if not isinstance(node_info, dict):
-            raise CodecError(f"reply header.node_info: got a {type(node_info).__name__}, expected a dict")
-        return Reply(kind, client, node_info=node_info)
+    if "report" in header:
+        report = NodeReport.from_json(loads(_field(header, "report", str, "reply header"), "header.report"), "reply header.report")
+        return Reply(kind, client, report=report)
     answer = decode_params(_get(rd, "answer", app.ArrayRecord, "reply"), "answer")
     if list(answer) != ["value"]:
         raise CodecError(f"reply answer: got arrays {sorted(answer)}, expected one named 'value'")

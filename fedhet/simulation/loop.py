@@ -13,7 +13,7 @@ import math
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +102,8 @@ class FederatedQuery(ClientStatistics):
     """``ClientStatistics`` for one eval target: every client of the round answers
     ``Algorithm.probe`` about the target's model on its own training data, through the run's
     executor (so the same query runs in simulation and on deployed nodes); the answers are summed in
-    client-id order. A client that cannot answer is left out, with a warning."""
+    client-id order. A client that cannot answer, or whose answer's shape or dtype differs from what
+    most clients answered (a misbehaving client), is left out, with a warning."""
 
     def __init__(self, run: Run, rnd: int, infos: Sequence[ClientInfo], params: Params, config: Config) -> None:
         self.run, self.rnd, self.infos, self.params, self.config = run, rnd, infos, params, config
@@ -112,9 +113,13 @@ class FederatedQuery(ClientStatistics):
         if what not in self._answers:
             tasks = {c.id: ClientTask(round=self.rnd, params=self.params, config=self.config) for c in self.infos}
             answers = self.run.executor.probe(self.run.algorithm, tasks, {c.id: c for c in self.infos}, what)
+            kinds = Counter((tuple(v.shape), v.dtype) for v in answers.values() if not isinstance(v, str))
+            usual = max(kinds, key=kinds.__getitem__) if kinds else None  # the first most common
             total: torch.Tensor | None = None
             for cid in sorted(answers):
                 value = answers[cid]
+                if not isinstance(value, str) and (tuple(value.shape), value.dtype) != usual:
+                    value = f"round {self.rnd}, client {cid}: {what}: an answer of shape {tuple(value.shape)} and {value.dtype}, most clients answered {usual}"
                 if isinstance(value, str):
                     print(f"warning: client left out of a federated query: {value}", flush=True, file=sys.stderr)
                     continue

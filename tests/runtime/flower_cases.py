@@ -47,10 +47,7 @@ class Loopback:
             node = self.nodes[nodes[key] - NODE_OFFSET]
             received = decode_request(encode_request(request))
             self.sent.append((request, received))
-            if received.what == "info":
-                reply = Reply(received.kind, node.client, node_info=node.info())
-            else:
-                reply = node.handle(received)
+            reply = node.handle(received)
             content = encode_reply(reply)
             self.answered.append((reply, decode_reply(content)))
             if self.tamper is not None:

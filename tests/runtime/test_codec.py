@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize  # noqa: E402
 from fedhet.runtime.codec import (  # noqa: E402
     CodecError,
+    NodeReport,
     Reply,
     Request,
     decode_reply,
@@ -95,7 +96,7 @@ def test_a_reply_of_each_kind_round_trips() -> None:
         Reply("train", 4, result=result),
         Reply("evaluate", 4, metrics={"accuracy": 0.5, "examples": 10.0}),
         Reply("query", 4, answer=torch.randn(6, dtype=torch.float64)),
-        Reply("query", 4, node_info={"client": 4, "label_counts": [1, 2], "tier": None}),
+        Reply("query", 4, report=NodeReport(client=4, num_train=30, num_test=6, label_counts=(1, 2), tier=None, data_digest="ab12")),
         Reply("train", 4, error="round 2, client 4, local_update: ValueError: boom"),
     ):
         same(reply, decode_reply(encode_reply(reply)), reply.kind)
@@ -198,3 +199,12 @@ def test_malformed_packed_uploads_are_refused_naming_the_entry(mangle: Any, mess
     content["packed"] = encode_params(arrays, "packed")
     with pytest.raises(CodecError, match=message):
         decode_reply(content)
+
+
+def test_a_node_report_with_a_bad_field_is_refused_naming_it() -> None:
+    reply = encode_reply(Reply("query", 4, report=NodeReport(client=4, num_train=30, num_test=6)))
+    raw = loads(reply["header"]["report"], "report")
+    raw["num_train"] = -3
+    reply["header"]["report"] = dumps(raw, "report")
+    with pytest.raises(CodecError, match=r"reply header.report.num_train: got -3, allowed: an integer >= 0"):
+        decode_reply(reply)

@@ -173,3 +173,25 @@ def test_nodes_report_their_tier_and_a_tier_not_configured_is_refused(tmp_path: 
     assert all(info.size.width == widths[info.tier] for info in trained.values())
     with pytest.raises(ConfigError, match=r"client 3 reports tier 'phone'; allowed: a, b, c \(devices.tiers\)"):
         deploy(tmp_path / "bad", overrides, tiers={**tiers, 3: "phone"})
+
+
+def test_a_wrongly_shaped_static_bn_answer_is_left_out_of_the_federated_query(tmp_path: Path) -> None:
+    """HeteroFL's static BN statistics are a sum of the clients' answers; a node answering with the
+    wrong shape is left out instead of breaking the server's evaluation."""
+    extra = ["algorithm.name=heterofl", "data.dataset=digits", "model.name=cnn", "model.options={channels: [4, 8], hidden: 16, norm: batch}", "rounds=1"]
+
+    def tamper(cid: int, request: Any, content: Any) -> Any:
+        if cid == 3 and request.what == "bn_sums":
+            return encode_reply(replace(decode_reply(content), answer=torch.zeros(5, dtype=torch.float64)))
+        return content
+
+    def silent(cid: int, request: Any, content: Any) -> Any:
+        return None if cid == 3 and request.what == "bn_sums" else content
+
+    wrong, _ = deploy(tmp_path / "wrong", run_overrides("sequential", "fedavg", *extra), tamper=tamper)
+    absent, _ = deploy(tmp_path / "absent", run_overrides("sequential", "fedavg", *extra), tamper=silent)
+    whole, _ = deploy(tmp_path / "whole", run_overrides("sequential", "fedavg", *extra))
+    evals = lambda r: {k: v for k, v in r.history[-1].items() if k.startswith("eval/")}  # noqa: E731
+    # the same statistics as when client 3 does not answer at all, and not those of every client
+    assert evals(wrong) == evals(absent) and evals(wrong)
+    assert any(whole.history[-1][k] != v for k, v in evals(wrong).items() if k.endswith("/loss"))

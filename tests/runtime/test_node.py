@@ -118,7 +118,7 @@ def test_a_devices_own_tensors_become_a_client_data_file_a_node_trains_on(tmp_pa
     path = save_client_data(tmp_path / "mine.pt", own)
     cfg = load_config(None, ["data.dataset=digits", "data.num_clients=3", "model.name=cnn", "model.options={channels: [4], hidden: 8}"])
     node = build_node(cfg, {"client-id": "2", "data": str(path)})  # node config values may arrive as strings
-    assert node.info()["num_train"] == 30 and node.info()["label_counts"] == []  # FedAvg does not use the histogram
+    assert node.info().num_train == 30 and node.info().label_counts == ()  # FedAvg does not use the histogram
     model = node.world.build_model({"width": 1.0, "depth": None, "density": 1.0})
     task = ClientTask(round=1, params={k: v.clone() for k, v in model.state_dict().items()}, config={"width": 1.0, "depth": None, "density": 1.0})
     reply = node.handle(Request("train", task, ClientInfo(2, 30, 6, "a", ModelSize())))

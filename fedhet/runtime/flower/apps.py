@@ -94,8 +94,7 @@ def _answer(msg: Message, context: Context) -> Message:
         loc = f" at {where.filename}:{where.lineno}" if where else ""
         print(f"fedhet node: cannot start: {type(err).__name__}: {err}{loc}", file=sys.stderr, flush=True)
         return Message(encode_reply(Reply(request.kind, request.client, error=f"the node cannot start: {type(err).__name__}: {err}")), reply_to=msg)
-    reply = Reply(request.kind, node.client, node_info=node.info()) if request.what == "info" else node.handle(request)
-    return Message(encode_reply(reply), reply_to=msg)
+    return Message(encode_reply(node.handle(request)), reply_to=msg)
 
 
 @client_app.train()

@@ -30,7 +30,7 @@ import torch
 
 from fedhet.data.base import ArrayDataset
 from fedhet.data.federated import FederatedDataset
-from fedhet.runtime.codec import Reply, Request
+from fedhet.runtime.codec import NodeReport, Reply, Request
 from fedhet.simulation.world import ClientWorld, run_eval, run_probe, run_train
 
 DATA_FORMAT = "fedhet-client-data/1"
@@ -229,25 +229,28 @@ class Node:
     def client(self) -> int:
         return self.data.client
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> NodeReport:
         """What the node reports about its client: its id, example counts and tier; its label
         histogram only if the algorithm uses it; the group its data file records (evaluation of
         clustered methods on exported trial data; 0 otherwise); a digest of its data (which data
         a run trained on, for reproducibility; it reveals nothing of their content)."""
         counts = self.world.dataset.label_counts(self.client) if self.algorithm.needs_label_counts() else ()
-        return {
-            "client": self.client,
-            "num_train": len(self.data.train),
-            "num_test": len(self.data.test),
-            "label_counts": list(counts),
-            "tier": self.tier,
-            "group": self.data.group,
-            "data_digest": data_digest(self.data),
-        }
+        return NodeReport(
+            client=self.client,
+            num_train=len(self.data.train),
+            num_test=len(self.data.test),
+            label_counts=tuple(counts),
+            tier=self.tier,
+            group=self.data.group,
+            data_digest=data_digest(self.data),
+        )
 
     def handle(self, request: Request) -> Reply:
-        """Answer one request with fedhet's client path; any failure is the reply's error."""
+        """Answer one request with fedhet's client path (an ``info`` query with the node's report);
+        any failure is the reply's error."""
         kind, cid = request.kind, request.client
+        if request.what == "info":
+            return Reply(kind, self.client, report=self.info())
         if cid != self.client:
             return Reply(kind, cid, error=f"this node holds client {self.client}, but the request is for client {cid}")
         try:

@@ -30,7 +30,7 @@ from fedhet.communication.upload import unpack_upload
 from fedhet.core.algorithm import Algorithm, ClientError
 from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
 from fedhet.core.types import Metrics
-from fedhet.runtime.codec import CodecError, Reply, Request, decode_reply, encode_request
+from fedhet.runtime.codec import CodecError, NodeReport, Reply, Request, decode_reply, encode_request
 from fedhet.simulation.executors import Executor, RoundOutcome, fold_round
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.world import ClientOutcome, ClientWorld
@@ -180,13 +180,13 @@ class FlowerExecutor(Executor):
         return out
 
 
-def discover(exchange: Exchange, num_clients: int, wait: float) -> tuple[dict[int, int], dict[int, dict[str, Any]]]:
+def discover(exchange: Exchange, num_clients: int, wait: float) -> tuple[dict[int, int], dict[int, NodeReport]]:
     """Wait until the nodes of clients ``0 .. num_clients-1`` are connected (at most ``wait`` seconds)
     and ask each for its info. Returns (client id -> node id, client id -> reported info). Raises
     naming the missing clients, or two nodes claiming one client."""
     deadline = time.monotonic() + wait
     nodes: dict[int, int] = {}
-    reports: dict[int, dict[str, Any]] = {}
+    reports: dict[int, NodeReport] = {}
     asked: set[int] = set()
     while True:
         fresh = sorted(exchange.connected() - asked)
@@ -197,16 +197,15 @@ def discover(exchange: Exchange, num_clients: int, wait: float) -> tuple[dict[in
             replies = exchange(probe, dict(enumerate(fresh)))
             for i, node in enumerate(fresh):
                 reply = replies[i]
-                if isinstance(reply, str) or reply.node_info is None:
-                    print(f"warning: node {node} did not report its client: {reply if isinstance(reply, str) else 'no info'}", file=sys.stderr, flush=True)
+                if isinstance(reply, str) or reply.report is None:
+                    print(f"warning: node {node} did not report its client: {reply if isinstance(reply, str) else 'no report'}", file=sys.stderr, flush=True)
                     continue
-                info = reply.node_info
-                cid = info.get("client")
-                if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < num_clients:
+                cid = reply.report.client
+                if not cid < num_clients:
                     raise ValueError(f"node {node} reports client {cid!r}; allowed: 0 to {num_clients - 1} (data.num_clients is {num_clients})")
                 if cid in nodes:
                     raise ValueError(f"nodes {nodes[cid]} and {node} both report client {cid}; allowed: one node per client (check --node-config client-id)")
-                nodes[cid], reports[cid] = node, info
+                nodes[cid], reports[cid] = node, reply.report
         if len(nodes) == num_clients:
             return nodes, reports
         if time.monotonic() >= deadline:
@@ -218,7 +217,7 @@ def discover(exchange: Exchange, num_clients: int, wait: float) -> tuple[dict[in
         time.sleep(0.5)
 
 
-def server_dataset(cfg: Any, reports: Mapping[int, Mapping[str, Any]]) -> Any:
+def server_dataset(cfg: Any, reports: Mapping[int, NodeReport]) -> Any:
     """The server's ``FederatedDataset``: the experiment's global test set and what a model needs
     to know about the data; every client's split is empty (clients' data stay on their nodes; what
     the server knows of them is what they report)."""
@@ -228,31 +227,20 @@ def server_dataset(cfg: Any, reports: Mapping[int, Mapping[str, Any]]) -> Any:
     fed = load_federated(cfg)
     empty = ArrayDataset(fed.test.x[:0], fed.test.y[:0], fed.test.task)
     n = cfg.data.num_clients
-    groups = tuple(int(reports[c].get("group") or 0) for c in range(n))
+    groups = tuple(reports[c].group for c in range(n))
     return replace(fed, clients_train=[empty] * n, clients_test=[empty] * n, client_groups=groups)
 
 
-def client_reports(reports: Mapping[int, Mapping[str, Any]], num_clients: int) -> Any:
-    """The nodes' reports as ``ClientReports`` (checked: counts are non-negative integers)."""
+def client_reports(reports: Mapping[int, NodeReport], num_clients: int) -> Any:
+    """The nodes' reports (checked by the codec) as the ``ClientReports`` the fleet is built from."""
     from fedhet.experiment.build import ClientReports
 
-    def count(cid: int, key: str) -> int:
-        value = reports[cid].get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"client {cid} reports {key}={value!r}; allowed: an integer >= 0")
-        return value
-
-    labels = []
-    for cid in range(num_clients):
-        raw = reports[cid].get("label_counts")
-        if not isinstance(raw, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in raw):
-            raise ValueError(f"client {cid} reports label_counts={raw!r}; allowed: a list of integers >= 0")
-        labels.append(tuple(raw))
-    tiers = tuple(reports[c].get("tier") for c in range(num_clients))
+    ordered = [reports[c] for c in range(num_clients)]
+    tiers = tuple(r.tier for r in ordered)
     return ClientReports(
-        num_train=tuple(count(c, "num_train") for c in range(num_clients)),
-        num_test=tuple(count(c, "num_test") for c in range(num_clients)),
-        label_counts=tuple(labels),
+        num_train=tuple(r.num_train for r in ordered),
+        num_test=tuple(r.num_test for r in ordered),
+        label_counts=tuple(r.label_counts for r in ordered),
         tiers=tiers if any(t is not None for t in tiers) else (),
     )
 
@@ -284,5 +272,5 @@ def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False
     with (run_dir / "nodes.json").open("w") as f:
         import json
 
-        json.dump({str(c): {"node": nodes[c], **reports[c]} for c in sorted(nodes)}, f, indent=1)
+        json.dump({str(c): {"node": nodes[c], **reports[c].as_json()} for c in sorted(nodes)}, f, indent=1)
     return run_rounds(run, resume=resume)
