@@ -1,4 +1,4 @@
-"""``fedhet run | compare | list | describe | report``."""
+"""``fedhet run | compare | list | describe | report | masks | flower | pretrain``."""
 
 from __future__ import annotations
 
@@ -236,6 +236,58 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedhet.data._cifar10 import cache_root
+    from fedhet.training.mlm import MLMSettings, pretrain_mlm
+
+    given = {}
+    for f in dataclasses.fields(MLMSettings):
+        value = getattr(args, f.name)
+        if value is not None:
+            given[f.name] = tuple(v.strip() for v in value.split(",")) if f.name == "datasets" else value
+    try:
+        settings = MLMSettings(**given)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = Path(args.out) if args.out else cache_root() / "pretrained" / "glue-ade-mlm"
+    try:
+        pretrain_mlm(settings, out, root=args.data, threads=args.threads, overwrite=args.overwrite, on_log=print)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    return 0
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"got {text!r}; allowed: true or false")
+
+
+def _pretrain_parser(sub: Any) -> None:
+    from fedhet.training.mlm import MLMSettings
+
+    pt = sub.add_parser(
+        "pretrain",
+        help="pretrain a small BERT-style encoder (masked-language model) on the text datasets' training text",
+        description="Masked-language-model pretraining on the unlabelled training text of SST-2, MRPC, STS-B and "
+        "ADE (no test split is read). The folder written serves as data.options.tokenizer and "
+        "model.options.pretrained. An unchanged finished folder is reused; a stopped one resumes from its checkpoint.",
+    )
+    pt.add_argument("--out", help="folder for the model and tokenizer (default: $FEDHET_CACHE/pretrained/glue-ade-mlm, "
+                    "$FEDHET_CACHE defaulting to ~/.cache/fedhet)")
+    pt.add_argument("--data", help="data root (default: $FEDHET_DATA, else ~/.cache/fedhet/data)")
+    pt.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    pt.add_argument("--overwrite", action="store_true", help="replace a finished pretraining with other settings")
+    for f in dataclasses.fields(MLMSettings):
+        kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
+        default = ",".join(f.default) if f.name == "datasets" else f.default
+        pt.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                        help=f"{f.metadata['help']} (default: {default})")
+    pt.set_defaults(func=cmd_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhet", description="Federated learning over heterogeneous devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -290,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", metavar="DIR", help="continue a stopped trial from its folder (its server checkpoint and the nodes' states)")
     for q in (fa, fe, fc, ft):
         q.set_defaults(func=cmd_flower)
+    _pretrain_parser(sub)
     return p
 
 

@@ -150,6 +150,12 @@ def read_stsb(path: str | Path) -> tuple[list[str], list[str], list[float]]:
 
 # ------------------------------------------------------------------------------------- loaders
 
+#: Folders searched for each dataset's files, relative to the data root, in order.
+SST2_FOLDERS = ("glue/SST-2", "SST-2", ".")
+MRPC_FOLDERS = ("glue/MRPC", "MRPC", ".")
+MRPC_FILES = ("msr_paraphrase_train.txt", "msr_paraphrase_test.txt")
+STSB_FOLDERS = ("glue/STS-B", "STS-B", "stsbenchmark", ".")
+
 
 def _check(name: str, root: Any, seed: Any, unknown: dict[str, Any]) -> None:
     reject_unknown(f"dataset {name!r}", unknown, ["root", "seed", *TEXT_OPTIONS])
@@ -213,7 +219,7 @@ def sst2(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=64
     )
     start = time.perf_counter()
-    files = locate_files("sst2", root, ["glue/SST-2", "SST-2", "."], ["train.tsv", "dev.tsv"])
+    files = locate_files("sst2", root, SST2_FOLDERS, ["train.tsv", "dev.tsv"])
     tr_x, tr_y = read_sst2(files["train.tsv"])
     te_x, te_y = read_sst2(files["dev.tsv"])
     return _bundle("sst2", opts, (tr_x, None, tr_y), (te_x, None, te_y), Classification(), SST2_CLASSES, start)
@@ -242,8 +248,8 @@ def mrpc(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=128
     )
     start = time.perf_counter()
-    names = ["msr_paraphrase_train.txt", "msr_paraphrase_test.txt"]
-    files = locate_files("mrpc", root, ["glue/MRPC", "MRPC", "."], names)
+    names = list(MRPC_FILES)
+    files = locate_files("mrpc", root, MRPC_FOLDERS, names)
     train = read_mrpc(files[names[0]])
     test = read_mrpc(files[names[1]])
     return _bundle("mrpc", opts, train, test, Classification(f1=True), MRPC_CLASSES, start)
@@ -272,7 +278,7 @@ def stsb(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=128
     )
     start = time.perf_counter()
-    files = locate_files("stsb", root, ["glue/STS-B", "STS-B", "stsbenchmark", "."], ["sts-train.tsv", "sts-dev.tsv"])
+    files = locate_files("stsb", root, STSB_FOLDERS, ["sts-train.tsv", "sts-dev.tsv"])
     train = read_stsb(files["sts-train.tsv"])
     test = read_stsb(files["sts-dev.tsv"])
     return _bundle("stsb", opts, train, test, Regression(low=STSB_LOW, high=STSB_HIGH, strata_bins=6), ("score",), start)

@@ -54,6 +54,7 @@ reproducible.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -357,8 +358,9 @@ def _load_pretrained(name: str) -> nn.Module:
         from transformers import AutoModel
     except ImportError as err:  # pragma: no cover - transformers is a dependency of this option only
         raise ImportError(f"model {NAME!r}: pretrained={name!r} needs the 'transformers' package") from err
+    local = Path(name).expanduser()
     try:
-        return AutoModel.from_pretrained(name)
+        return AutoModel.from_pretrained(str(local) if local.exists() else name)
     except Exception as err:  # OSError, HF validation errors, HTTP client errors: all mean "not loadable"
         raise ValueError(
             f"model {NAME!r}: pretrained {name!r} could not be loaded ({type(err).__name__}: {err}). "
