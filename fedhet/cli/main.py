@@ -103,6 +103,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summarize(args: argparse.Namespace) -> int:
+    import json
+
+    from fedhet.experiment.report import markdown_seed_table, seed_summary
+
+    try:
+        summary = seed_summary([Path(d) for d in args.dirs], last=args.last)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    keys = [k.strip() for k in args.keys.split(",")] if args.keys else None
+    table = markdown_seed_table(summary, keys)
+    print(f"mean of the last {args.last} evaluations; several folders: mean over them (each folder's value)")
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"summary: {args.json}")
+    return 0
+
+
 def cmd_masks(args: argparse.Namespace) -> int:
     from fedhet.experiment.masks import mask_analysis
 
@@ -315,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--title", default="fedhet report")
     rep.set_defaults(func=cmd_report)
+    sm = sub.add_parser(
+        "summarize",
+        help="every evaluated number as the mean of the last K evaluations, across comparison folders run with different seeds",
+    )
+    sm.add_argument("dirs", nargs="+", help="comparison folders (one a seed), each holding one run folder a variant")
+    sm.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of each run (default 3)")
+    sm.add_argument("--keys", help="comma-separated metric keys to show (default: every global model and the clients' mean and p10)")
+    sm.add_argument("--json", help="also write the whole summary (per folder and mean) to this JSON file")
+    sm.set_defaults(func=cmd_summarize)
     m = sub.add_parser("masks", help="learned sparse masks (DisPFL) against the clients' label distributions: two heatmaps")
     m.add_argument("run_dir")
     m.add_argument("--out", help="output folder (default: the run folder)")

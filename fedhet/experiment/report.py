@@ -58,7 +58,11 @@ def metric_label(rows: list[dict[str, Any]]) -> str:
 
 def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     label = metric_label(rows)
-    rename = {"accuracy %": f"{label} %", "client mean %": f"client mean {label} %", "client p10 %": f"client p10 {label} %"}
+    rename = {
+        "accuracy %": f"{label} %",
+        "client mean %": f"client mean {label} %",
+        "client p10 %": f"client p10 {label} %",
+    }
     if label == "accuracy":
         return COLUMNS
     return [(key, rename.get(header, header), kind) for key, header, kind in COLUMNS]
@@ -135,7 +139,9 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         console.print(mt)
     personalized = [r["variant"] for r in rows if str(r.get("metric", "")).startswith("clients/")]
     if personalized:
-        console.print(f"{metric_label(rows)} % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)")
+        console.print(
+            f"{metric_label(rows)} % of {', '.join(personalized)}: mean over clients on their own test splits (no global model)"
+        )
 
 
 def width_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -215,7 +221,15 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, clients: bool
         return None
     metric = metrics.pop() if len(metrics) == 1 else "score"
     if clients:
-        return _save(fig, ax, path, f"{title}: mean over clients, own test splits", "round", metric, f"client mean test {metric} (%)")
+        return _save(
+            fig,
+            ax,
+            path,
+            f"{title}: mean over clients, own test splits",
+            "round",
+            metric,
+            f"client mean test {metric} (%)",
+        )
     return _save(fig, ax, path, title, "round", metric)
 
 
@@ -268,7 +282,15 @@ def plot_client_distribution(values: dict[str, tuple[str, list[float]]], path: P
         v = np.sort(100 * np.asarray(vals, np.float64))
         ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=name)
     metric = metrics.pop() if len(metrics) == 1 else "score"
-    _save(fig, ax, path, f"{title}: clients on their own test splits", f"client test {metric} (%)", metric, "share of clients at or below")
+    _save(
+        fig,
+        ax,
+        path,
+        f"{title}: clients on their own test splits",
+        f"client test {metric} (%)",
+        metric,
+        "share of clients at or below",
+    )
     return path
 
 
@@ -286,13 +308,29 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     ]
     metrics = markdown_metric_table(rows)
     if metrics:
-        text += ["Every metric of each variant's headline model in the last evaluation (%; MSE in squared target units).", "", metrics, ""]
+        text += [
+            "Every metric of each variant's headline model in the last evaluation (%; MSE in squared target units).",
+            "",
+            metrics,
+            "",
+        ]
     models = markdown_model_table(rows)
     if models:
-        text += ["Every model each variant evaluated in the last evaluation (global targets on the global test set;", "client tiers: mean over the tier's clients on their own held-out splits), %.", "", models, ""]
+        text += [
+            "Every model each variant evaluated in the last evaluation (global targets on the global test set;",
+            "client tiers: mean over the tier's clients on their own held-out splits), %.",
+            "",
+            models,
+            "",
+        ]
     widths = markdown_width_table(rows)
     if widths:
-        text += ["Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).", "", widths, ""]
+        text += [
+            "Global-test accuracy (%) of the global model cut to each width (- : not evaluated at that width).",
+            "",
+            widths,
+            "",
+        ]
         if wplot is not None:
             text += [f"![accuracy per width]({wplot.name})", ""]
     text += [
@@ -334,3 +372,98 @@ def report_from_dirs(run_dirs: list[Path], out_dir: Path, title: str = "fedhet r
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(out_dir, title, rows, dirs)
     return rows
+
+
+# ------------------------------------------------------------------------------- across seeds
+
+
+def last_evaluations(history: list[dict[str, Any]], last: int) -> dict[str, float]:
+    """The mean over the last ``last`` evaluation rows of ``history`` of every evaluated number:
+    each global target's metrics (``eval/<target>/<metric>``, losses and widths left out) and the
+    clients' statistics (``clients/...``). A key missing from some of those rows is averaged over
+    the rows that have it."""
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise ValueError(f"last: got {last!r}, allowed: an integer >= 1")
+    evals = [r for r in history if any(k.startswith(("eval/", "clients/")) for k in r)][-last:]
+    sums: dict[str, list[float]] = {}
+    for row in evals:
+        for k, v in row.items():
+            if not k.startswith(("eval/", "clients/")) or k.endswith(("/loss", "/width")):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums.setdefault(k, []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def seed_summary(comparison_dirs: list[Path], last: int = 3) -> dict[str, Any]:
+    """Variants run with several seeds, one comparison folder a seed (each holding a run folder a
+    variant): for every variant present in all of them, each evaluated number as the mean of its
+    last ``last`` evaluations (:func:`last_evaluations`), per folder and averaged over the folders,
+    with the rounds, bytes and training FLOPs of each run. ValueError names a folder without runs."""
+    per_dir: list[dict[str, dict[str, Any]]] = []
+    for d in comparison_dirs:
+        runs = {}
+        for run in sorted(p for p in Path(d).iterdir() if (p / METRICS).is_file()) if Path(d).is_dir() else []:
+            hist = read_jsonl(run / METRICS)
+            if hist:
+                runs[run.name] = {
+                    "values": last_evaluations(hist, last),
+                    "rounds": hist[-1]["round"],
+                    "bytes_total": sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in hist),
+                    "train_flops": sum(r.get("train_flops") or 0 for r in hist),
+                }
+        if not runs:
+            raise ValueError(f"{d}: no run folder with a {METRICS} in it")
+        per_dir.append(runs)
+    common = [v for v in per_dir[0] if all(v in runs for runs in per_dir[1:])]
+    variants: dict[str, Any] = {}
+    for name in common:
+        runs = [runs[name] for runs in per_dir]
+        keys = [k for k in runs[0]["values"] if all(k in r["values"] for r in runs)]
+        variants[name] = {
+            "values": {
+                k: {"seeds": [r["values"][k] for r in runs], "mean": float(np.mean([r["values"][k] for r in runs]))}
+                for k in keys
+            },
+            "rounds": [r["rounds"] for r in runs],
+            "bytes_total": [r["bytes_total"] for r in runs],
+            "train_flops": [r["train_flops"] for r in runs],
+        }
+    return {"last": last, "dirs": [str(d) for d in comparison_dirs], "variants": variants}
+
+
+def _target_label(key: str) -> str:
+    """``eval/width_0.5/accuracy`` -> ``width_0.5 accuracy``; ``clients/tier_a/accuracy_mean`` ->
+    ``clients tier_a accuracy_mean``."""
+    return key.replace("eval/", "").replace("/", " ")
+
+
+def markdown_seed_table(summary: dict[str, Any], keys: list[str] | None = None) -> str:
+    """One row a variant, one column a number (``keys``, default: every global target's metrics and
+    the clients' mean and 10th percentile), each cell the mean over seeds with the seeds' values in
+    brackets, in %; then rounds and communicated bytes."""
+    variants = summary["variants"]
+    if keys is None:
+        seen: dict[str, None] = {}
+        for v in variants.values():
+            for k in v["values"]:
+                if k.startswith("eval/") or (k.endswith(("_mean", "_p10")) and k.count("/") == 1):
+                    seen.setdefault(k, None)
+        keys = [k for k in seen if k.startswith("eval/")] + [k for k in seen if not k.startswith("eval/")]
+    labels = ["variant", *[f"{_target_label(k)} %" for k in keys], "rounds", "communicated"]
+    body = []
+    for name, v in variants.items():
+        cells = [name]
+        for k in keys:
+            entry = v["values"].get(k)
+            if entry is None:
+                cells.append("-")
+            else:
+                seeds = " / ".join(f"{100 * s:.2f}" for s in entry["seeds"])
+                cells.append(
+                    f"{100 * entry['mean']:.2f} ({seeds})" if len(entry["seeds"]) > 1 else f"{100 * entry['mean']:.2f}"
+                )
+        cells.append(" / ".join(str(r) for r in v["rounds"]))
+        cells.append(" / ".join(_fmt(b, "bytes") for b in v["bytes_total"]))
+        body.append(cells)
+    return _markdown(labels[:1], labels[1:], body) if body else ""
