@@ -29,6 +29,7 @@ def _run_dir(base: str, name: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhet.experiment.build import build_run
     from fedhet.experiment.config import dump_config, load_config
+    from fedhet.experiment.logging import write_run_header
     from fedhet.simulation.loop import run_rounds
 
     overrides = list(args.overrides)
@@ -57,8 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
     run = build_run(cfg, run_dir)  # loads the data: errors surface before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    write_run_header(run_dir, dump_config(cfg), run.world.dataset)
     print(f"run directory: {run_dir}", file=sys.stderr)
     print(run.world.dataset.summary(), file=sys.stderr)
     try:

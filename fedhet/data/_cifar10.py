@@ -222,7 +222,10 @@ def _member_label(name: str, split: str) -> int | None:
     if any(p.startswith(("__MACOSX", ".")) and p != "." for p in parts):
         return None
     if parts[-2] not in _CLASS_INDEX:
-        raise ValueError(f"{name}: class folder {parts[-2]!r} is not a CIFAR-10 class; allowed: {', '.join(CLASSES)}")
+        raise ValueError(
+            f"{name}: class folder {parts[-2]!r} is not a CIFAR-10 class; allowed: {', '.join(CLASSES)} "
+            "(for other images use dataset: imagefolder with data.options.path)"
+        )
     return _CLASS_INDEX[parts[-2]]
 
 
@@ -333,6 +336,12 @@ def read_split(source: Source, split: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = _READERS[source.kind](source, split)
     if len(y) == 0:
         raise ValueError(f"CIFAR-10 source {source.describe()} has no {split} images")
+    absent = [CLASSES[c] for c in range(len(CLASSES)) if not (y == c).any()]
+    if absent:
+        raise ValueError(
+            f"CIFAR-10 source {source.describe()} has no {split} images of class {absent[0]!r}; a subset of the "
+            "classes is another dataset: use dataset: imagefolder with data.options.path (its classes, its statistics)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     # The labels are written last: a load only trusts the cache once both files are in place, and the
     # image array, which takes longest to write, is complete before that.

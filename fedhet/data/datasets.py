@@ -46,6 +46,9 @@ class DatasetBundle:
     #: natural grouping of the training examples (e.g. the source document), one int per example:
     #: what the ``natural`` partitioner splits by; ``None`` when the data has none
     groups: np.ndarray | None = None
+    #: what the loader learnt from the data that a reader of the run needs (normalization statistics
+    #: computed from the training split, the source, the image size); a run saves it as ``dataset.json``
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):

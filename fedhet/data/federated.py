@@ -41,6 +41,10 @@ class FederatedDataset:
     #: each client's true group (0: as loaded; 1: images rotated, see ``federate``'s
     #: ``rotate_fraction``); empty means every client is in group 0
     client_groups: tuple[int, ...] = ()
+    #: the dataset's class names (label ``i`` is ``class_names[i]``); empty when unnamed
+    class_names: tuple[str, ...] = ()
+    #: what the loader computed from the data (``DatasetBundle.info``: normalization statistics, source)
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.clients_train) != len(self.clients_test):
@@ -84,6 +88,21 @@ class FederatedDataset:
         n = max(int(self.task.strata(self.test.y).max(initial=0)), int(strata.max(initial=0))) + 1
         return tuple(int(v) for v in np.bincount(strata, minlength=n))
 
+    def description(self) -> dict[str, Any]:
+        """What a run records about its data (``dataset.json``): name, classes, input shape, the
+        loader's ``info`` and the clients' sizes."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "input_shape": list(self.input_shape),
+            "num_clients": self.num_clients,
+            "train_examples": [len(d) for d in self.clients_train],
+            "held_out_examples": [len(d) for d in self.clients_test],
+            "test_examples": len(self.test),
+            "info": dict(self.info),
+        }
+
     def summary(self, max_clients: int = 10) -> str:
         """A few lines: sizes and classes per client (min / median / max) and, for the first
         ``max_clients`` clients, their training label histograms."""
@@ -95,14 +114,16 @@ class FederatedDataset:
         def spread(values: list[int]) -> str:
             return f"min {min(values)} / median {float(np.median(values)):g} / max {max(values)}"
 
+        named = f" ({', '.join(self.class_names)})" if self.class_names and len(self.class_names) <= 20 else ""
         lines = [
-            f"{self.name}: {self.num_clients} clients, {self.num_classes} classes, input shape {self.input_shape}",
+            f"{self.name}: {self.num_clients} clients, {self.num_classes} classes{named}, input shape {self.input_shape}",
             f"train examples per client: {spread(sizes)} (total {sum(sizes)}; held out on clients: {held_out})",
             f"classes per client: {spread(classes)}",
             f"global test examples: {len(self.test)}",
         ]
         shown = min(self.num_clients, max_clients)
-        lines.append(f"train label counts (first {shown} of {self.num_clients} clients):")
+        order = f" in class order {', '.join(self.class_names)}" if self.class_names and self.num_classes <= 20 else ""
+        lines.append(f"train label counts (first {shown} of {self.num_clients} clients){order}:")
         width = len(str(self.num_clients - 1))
         for cid in range(shown):
             if self.num_classes <= 20:
@@ -222,6 +243,8 @@ def federate(
         train_transform=bundle.train_transform,
         model_options=dict(bundle.model_options),
         client_groups=tuple(groups),
+        class_names=tuple(bundle.class_names),
+        info=dict(bundle.info),
     )
 
 

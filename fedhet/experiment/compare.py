@@ -142,6 +142,7 @@ def width_accuracy(row: dict[str, Any]) -> dict[str, float]:
 
 def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None) -> list[dict[str, Any]]:
     from fedhet.experiment.build import build_run, load_federated
+    from fedhet.experiment.logging import write_run_header
     from fedhet.simulation.loop import run_rounds
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,11 +152,10 @@ def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = Non
         if progress is not None:
             cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"progress": progress})})
         run_dir = out_dir / run_dir_name(vname)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
         key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = load_federated(cfg)
+        write_run_header(run_dir, dump_config(cfg), data_cache[key])
         t0 = time.perf_counter()
         run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
         try:

@@ -25,6 +25,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+DATASET = "dataset.json"
+
+
+def write_run_header(run_dir: Path, config_yaml: str, data: Any) -> None:
+    """Write a run folder's ``config.yaml`` (the resolved config, then a comment naming the data's
+    classes) and ``dataset.json`` (``data.description()``: classes, shapes, client sizes and what the
+    loader computed, such as the normalization statistics)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    described = data.description()
+    names = described.get("class_names") or []
+    note = f"# data: {described['name']}, {described['num_classes']} classes"
+    note += f" ({', '.join(names)})" if names and len(names) <= 50 else ""
+    (run_dir / "config.yaml").write_text(f"{config_yaml.rstrip()}\n{note}; see {DATASET}\n")
+    (run_dir / DATASET).write_text(json.dumps(described, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     if not path.exists():

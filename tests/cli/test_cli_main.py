@@ -109,10 +109,16 @@ def test_run_writes_the_run_directory(tmp_path, capsys):
         "checkpoint.pt",
         "clients.jsonl",
         "config.yaml",
+        "dataset.json",
         "metrics.csv",
         "metrics.jsonl",
     ]
     assert load_checkpoint(run_dir)["round"] == 1
+    described = json.loads((run_dir / "dataset.json").read_text())
+    assert described["name"] == "synthetic" and described["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert (run_dir / "config.yaml").read_text().endswith(
+        "# data: synthetic, 4 classes (class_0, class_1, class_2, class_3); see dataset.json\n"
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1]
 

@@ -261,3 +261,12 @@ def test_unrelated_zips_in_the_data_root_are_ignored(tmp_path):
                 for i in range(2):
                     z.writestr(f"./{split}/{name}/{i:04d}.png", _png(_pixels(split, c, i)))
     _assert_arrays(tmp_path, "test")
+
+
+def test_a_subset_of_the_classes_is_refused_with_a_pointer_to_imagefolder(tmp_path):
+    _write_folders(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "train" / "truck")
+    with pytest.raises(ValueError, match="has no train images of class 'truck'; .*use dataset: imagefolder"):
+        cifar10_arrays("train", root=tmp_path, download=False)

@@ -106,7 +106,8 @@ def test_same_seed_same_clients():
 def test_summary_lines():
     fd = federate(_bundle(), num_clients=1, client_test_fraction=0.25)
     text = fd.summary()
-    assert "toy: 1 clients, 4 classes, input shape (1,)" in text
+    assert "toy: 1 clients, 4 classes (c0, c1, c2, c3), input shape (1,)" in text
+    assert "train label counts (first 1 of 1 clients) in class order c0, c1, c2, c3:" in text
     assert "train examples per client: min 25 / median 25 / max 25 (total 25; held out on clients: 9)" in text
     assert "classes per client: min 4 / median 4 / max 4" in text
     assert "global test examples: 3" in text

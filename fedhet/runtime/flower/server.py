@@ -253,6 +253,7 @@ def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False
     from its checkpoint."""
     from fedhet.experiment.build import build_run
     from fedhet.experiment.config import ConfigError, dump_config
+    from fedhet.experiment.logging import write_run_header
     from fedhet.simulation.loop import run_rounds
 
     nodes, reports = discover(exchange, cfg.data.num_clients, cfg.runtime.flower.wait)
@@ -267,8 +268,7 @@ def run_deployed(cfg: Any, run_dir: Path, exchange: Any, *, resume: bool = False
     run.on_round = on_round
     if resume and not (run_dir / "checkpoint.pt").exists():
         raise ConfigError(f"run config resume: {run_dir} holds no checkpoint; allowed: resume=true only for a run that saved one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    write_run_header(run_dir, dump_config(cfg), run.world.dataset)
     with (run_dir / "nodes.json").open("w") as f:
         import json
 
