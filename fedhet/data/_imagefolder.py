@@ -290,7 +290,9 @@ def read_imagefolder(
     index = {c: i for i, c in enumerate(classes)}
     unseen = sorted({it.label for it in items if it.split == "test"} - set(classes))
     if unseen:
-        raise ValueError(f"data.path: test class {unseen[0]!r} has no training images (training classes: {', '.join(classes)})")
+        raise ValueError(
+            f"data.path: test class {unseen[0]!r} has no training images (training classes: {', '.join(classes)})"
+        )
     if channels == "auto":
         channels = 1 if all(_gray(it) for it in items) else 3
     start = time.perf_counter()
@@ -368,7 +370,9 @@ def imagefolder(
         test_fraction = fraction("test_fraction", test_fraction, allow_zero=False)
     if not isinstance(augment, bool):
         raise fail("augment", augment, "true or false")
-    arrays, classes, c = read_imagefolder(source, size=size_t, channels=channels, test_fraction=test_fraction, seed=seed)
+    arrays, classes, c = read_imagefolder(
+        source, size=size_t, channels=channels, test_fraction=test_fraction, seed=seed
+    )
     (x_tr, y_tr), (x_te, y_te) = arrays["train"], arrays["test"]
     missing = [classes[i] for i in range(len(classes)) if not (y_tr == i).any()]
     if missing:

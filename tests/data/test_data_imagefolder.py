@@ -61,7 +61,9 @@ def test_two_split_folder_by_hand(tmp_path):
 
 
 def test_one_tree_split_per_class_seeded_grayscale_and_resized(tmp_path):
-    src = _tree(tmp_path / "digits", {"": {"a": list(range(0, 50, 5)), "b": list(range(100, 150, 5))}}, gray=True, suffix=".jpg")
+    src = _tree(
+        tmp_path / "digits", {"": {"a": list(range(0, 50, 5)), "b": list(range(100, 150, 5))}}, gray=True, suffix=".jpg"
+    )
     b = load_dataset("imagefolder", path=str(src), size=4, test_fraction=0.3, seed=1)
     assert b.input_shape == (1, 4, 4) and b.info["channels"] == 1
     assert b.test.y.tolist() == [0, 0, 0, 1, 1, 1] and len(b.train) == 14
@@ -153,7 +155,9 @@ def test_bad_sources_say_which_file_or_field(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             load_dataset("imagefolder", **options)
     two = _tree(tmp_path / "two", TWO_SPLITS)
-    with pytest.raises(ValueError, match="data.test_fraction: got 0.3, allowed: nothing: the source has its own train/"):
+    with pytest.raises(
+        ValueError, match="data.test_fraction: got 0.3, allowed: nothing: the source has its own train/"
+    ):
         load_dataset("imagefolder", path=str(two), test_fraction=0.3)
     with pytest.raises(TypeError, match="dataset 'imagefolder': unknown option 'colour'"):
         load_dataset("imagefolder", path=str(two), colour=True)
