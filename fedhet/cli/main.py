@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"runtime.device={args.device}")
-    cfg = load_config(args.config, overrides)
+    cfg = _with_plugins(load_config(args.config, overrides), args.plugin)
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
@@ -85,6 +85,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.device={args.device}")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     cmp = load_comparison(args.config, overrides, only=only)
+    cmp.variants.update({name: _with_plugins(cfg, args.plugin) for name, cfg in cmp.variants.items()})
     out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
     print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
     rows = run_comparison(cmp, out, progress=args.progress)
@@ -308,6 +309,23 @@ def _pretrain_parser(sub: Any) -> None:
     pt.set_defaults(func=cmd_pretrain)
 
 
+def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, so that the datasets, models and algorithms it registers can be used "
+        "(repeatable; recorded in the run's config as plugins)",
+    )
+
+
+def _with_plugins(cfg: Any, modules: list[str]) -> Any:
+    """``cfg`` with the CLI's ``--plugin`` modules added to its ``plugins`` (so the run records them)."""
+    extra = [m for m in modules if m not in cfg.plugins]
+    return cfg.model_copy(update={"plugins": [*cfg.plugins, *extra]}) if extra else cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedhet", description="Federated learning over heterogeneous devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -372,18 +390,37 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (fa, fe, fc, ft):
         q.set_defaults(func=cmd_flower)
     _pretrain_parser(sub)
+    for name, parser in sub.choices.items():
+        leaves = fsub.choices.values() if name == "flower" else [parser]
+        for leaf in leaves:
+            if name != "pretrain":
+                _add_plugin_flag(leaf)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also follow flags (`fedhet run C --device cpu rounds=2`): argparse leaves them over
+    if hasattr(args, "overrides"):
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.overrides = [*args.overrides, *extra]
+        rest = [a for a in rest if a not in extra]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # a config file given to `run` may be followed by overrides; an override alone is not a file
     if getattr(args, "config", None) and "=" in str(args.config) and args.command in ("run", "flower"):
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    from fedhet.core.plugins import PluginError, load_plugins
+
     previous = _terminate_as_interrupt()
     try:
+        load_plugins(getattr(args, "plugin", []) or [], origin="--plugin")
         return int(args.func(args) or 0)
+    except PluginError as err:
+        print(f"fedhet: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"fedhet: config error: {err}", file=sys.stderr)
         return 2

@@ -74,3 +74,7 @@ def load_builtins() -> None:
     for mod in _BUILTIN_MODULES:
         importlib.import_module(mod)
     _loaded = True
+    # installed plugins (the ``fedhet.plugins`` entry-point group) register after the built-ins
+    from fedhet.core.plugins import load_entry_points
+
+    load_entry_points()

@@ -239,6 +239,9 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
+    #: modules imported before the config is checked, which register your own datasets, models,
+    #: algorithms or partitioners (``my_package.my_module``; see docs/plugins.md)
+    plugins: list[str] = Field(default_factory=list)
     name: str = "experiment"
     seed: int = 0
     rounds: int = Field(10, ge=1)
@@ -321,6 +324,15 @@ def validate(data: dict[str, Any]) -> ExperimentConfig:
     """Validate a config mapping, including the algorithm and server fields and their combinations."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"plugins: got {plugins!r}, allowed: a list of module names such as [my_package.my_module]")
+    from fedhet.core.plugins import PluginError, load_plugins
+
+    try:
+        load_plugins(plugins, origin="plugins")
+    except PluginError as err:
+        raise ConfigError(str(err)) from None
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
