@@ -26,20 +26,38 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: str = "digits"
-    root: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-    num_clients: int = Field(20, ge=1)
-    partitioner: str = "iid"
-    alpha: float | None = Field(None, gt=0)
-    min_size: int | None = Field(None, ge=0)
-    classes_per_client: int | None = Field(None, ge=1)
-    client_test_fraction: float = Field(0.2, ge=0, lt=1)
-    train_subset: int | None = Field(None, ge=1)
-    test_subset: int | None = Field(None, ge=1)
-    #: share of clients whose images are rotated by rotate_degrees (rotated-data clusters; images only)
-    rotate_fraction: float = Field(0.0, ge=0, le=1)
-    rotate_degrees: Literal[90, 180, 270] = 180
+    dataset: str = Field("digits", description="the registered dataset to load (see fedhet list)")
+    root: str | None = Field(None, description="the data folder (default: $FEDHET_DATA, else ~/.cache/fedhet/data)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the dataset's own options (fedhet describe DATASET)"
+    )
+    num_clients: int = Field(20, ge=1, description="clients the training set is split over")
+    partitioner: str = Field(
+        "iid", description="how the training set is split over clients: iid, dirichlet, shards, natural"
+    )
+    alpha: float | None = Field(
+        None, gt=0, description="dirichlet: concentration of the label shares (smaller: more skew)"
+    )
+    min_size: int | None = Field(
+        None, ge=0, description="dirichlet: redraw until every client has at least this many examples"
+    )
+    classes_per_client: int | None = Field(None, ge=1, description="shards: classes each client holds")
+    client_test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of each client's data held out as its own test split"
+    )
+    train_subset: int | None = Field(
+        None, ge=1, description="use a seeded, stratified subset of this many training examples"
+    )
+    test_subset: int | None = Field(
+        None, ge=1, description="evaluate on a seeded, stratified subset of this many test examples"
+    )
+    rotate_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of clients whose images are rotated by rotate_degrees (rotated-data clusters; images only)",
+    )
+    rotate_degrees: Literal[90, 180, 270] = Field(180, description="the rotation of those clients' images, in degrees")
 
     @field_validator("dataset")
     @classmethod
@@ -53,22 +71,31 @@ class DataConfig(_Section):
 
     def partitioner_options(self) -> dict[str, Any]:
         opts = {"alpha": self.alpha, "min_size": self.min_size, "classes_per_client": self.classes_per_client}
-        allowed = {"dirichlet": {"alpha", "min_size"}, "shards": {"classes_per_client"}, "iid": set(), "natural": set()}.get(self.partitioner)
+        allowed = {
+            "dirichlet": {"alpha", "min_size"},
+            "shards": {"classes_per_client"},
+            "iid": set(),
+            "natural": set(),
+        }.get(self.partitioner)
         out = {k: v for k, v in opts.items() if v is not None}
         if allowed is not None:
             for k in out:
                 if k not in allowed:
-                    raise ConfigError(f"data.{k}: got {out[k]!r}, but partitioner {self.partitioner!r} takes no {k}; it takes: {', '.join(sorted(allowed)) or 'no options'}")
+                    raise ConfigError(
+                        f"data.{k}: got {out[k]!r}, but partitioner {self.partitioner!r} takes no {k}; it takes: {', '.join(sorted(allowed)) or 'no options'}"
+                    )
         if self.partitioner == "dirichlet" and "alpha" not in out:
             raise ConfigError("data.alpha: missing, allowed: a number > 0 (required by partitioner 'dirichlet')")
         if self.partitioner == "shards" and "classes_per_client" not in out:
-            raise ConfigError("data.classes_per_client: missing, allowed: an integer >= 1 (required by partitioner 'shards')")
+            raise ConfigError(
+                "data.classes_per_client: missing, allowed: an integer >= 1 (required by partitioner 'shards')"
+            )
         return out
 
 
 class ModelConfig(_Section):
-    name: str = "mlp"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("mlp", description="the registered model (see fedhet list)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the model's own options (fedhet describe MODEL)")
 
     @field_validator("name")
     @classmethod
@@ -77,38 +104,59 @@ class ModelConfig(_Section):
 
 
 class DevicesConfig(_Section):
-    #: HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion}
-    tiers: str | list[dict[str, Any]] = "a1"
-    assignment: Literal["fixed", "dynamic"] = "fixed"
-    policy: Literal["auto", "tiered", "all_large", "all_small", "drop_weak"] = "auto"
-    #: with policy drop_weak: ``after_selection`` draws the round's clients from the whole population
-    #: and leaves the weak ones out (the papers' DropWeak: strong clients take part as often as under
-    #: any other policy); ``before_selection`` draws only among the strong clients
-    drop_weak: Literal["after_selection", "before_selection"] = "after_selection"
-    dropout: float = Field(0.0, ge=0, lt=1)
-    #: probability that a client is offline (cannot be selected) in a round
-    unavailable: float = Field(0.0, ge=0, lt=1)
+    tiers: str | list[dict[str, Any]] = Field(
+        "a1", description='HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion}'
+    )
+    assignment: Literal["fixed", "dynamic"] = Field(
+        "fixed", description="fixed: a client keeps its tier; dynamic: tiers are redrawn every round (HeteroFL)"
+    )
+    policy: Literal["auto", "tiered", "all_large", "all_small", "drop_weak"] = Field(
+        "auto", description="auto (the algorithm's own), tiered, all_large, all_small or drop_weak"
+    )
+    drop_weak: Literal["after_selection", "before_selection"] = Field(
+        "after_selection",
+        description="with policy drop_weak: after_selection draws the round's clients from the whole population and leaves the weak ones out (the papers' DropWeak: strong clients take part as often as under any other policy); before_selection draws only among the strong clients",
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="probability that a selected client drops out of a round before reporting"
+    )
+    unavailable: float = Field(
+        0.0, ge=0, lt=1, description="probability that a client is offline (cannot be selected) in a round"
+    )
 
 
 class LocalConfig(_Section):
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
-    lr_decay: float = Field(1.0, gt=0, le=1)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_steps: int | None = Field(None, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
-    lr_milestones: list[int] = Field(default_factory=list)
-    lr_gamma: float = Field(0.1, gt=0, le=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    epochs: int = Field(1, ge=1, description="local epochs over the client's training split")
+    batch_size: int = Field(32, ge=1, description="mini-batch size")
+    lr: float = Field(0.05, gt=0, description="client learning rate in round 1")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="client learning rate multiplied by this every round")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop local training after this many steps (unset: full epochs)"
+    )
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the gradient's global L2 norm to this (unset: no clipping)"
+    )
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="rounds at which the client learning rate is multiplied by lr_gamma"
+    )
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="factor applied at each of lr_milestones")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="client optimizer: sgd, adam or adamw")
 
 
 class ServerConfig(_Section):
     model_config = ConfigDict(extra="allow")
-    name: str = "fedavg"
-    clip: float | None = Field(None, gt=0)
-    noise_std: float = Field(0.0, ge=0)
+    name: str = Field(
+        "fedavg",
+        description="server optimizer applied to the averaged update: fedavg, fedavgm, fedadam, fedyogi, fedadagrad (its own hyperparameters as further keys)",
+    )
+    clip: float | None = Field(
+        None, gt=0, description="clip the server's pseudo-gradient to this L2 norm (unset: no clipping)"
+    )
+    noise_std: float = Field(
+        0.0, ge=0, description="Gaussian noise of this standard deviation added to the pseudo-gradient"
+    )
 
     @field_validator("name")
     @classmethod
@@ -118,7 +166,9 @@ class ServerConfig(_Section):
 
 class AlgorithmConfig(_Section):
     model_config = ConfigDict(extra="allow")
-    name: str = "fedavg"
+    name: str = Field(
+        "fedavg", description="the registered algorithm (its fields as further keys; fedhet describe NAME)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -127,16 +177,20 @@ class AlgorithmConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    #: uniform, Power-of-Choice (pow-d, cpow-d, rpow-d) or divfl
-    name: Literal["uniform", "pow-d", "cpow-d", "rpow-d", "divfl"] = "uniform"
-    clients_per_round: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, le=1)
-    #: Power-of-Choice: d, the candidates sampled by data size (default 2 m)
-    candidates: int | None = Field(None, ge=1)
-    #: cpow-d: the examples a candidate scores its loss on
-    batch: int | None = Field(None, ge=1)
-    #: DivFL: re-probe every client's gradient every this many rounds (0: first round only)
-    refresh_every: int | None = Field(None, ge=0)
+    name: Literal["uniform", "pow-d", "cpow-d", "rpow-d", "divfl"] = Field(
+        "uniform", description="uniform, Power-of-Choice (pow-d, cpow-d, rpow-d) or divfl"
+    )
+    clients_per_round: int | None = Field(
+        None, ge=1, description="clients selected each round (unset with fraction unset: all)"
+    )
+    fraction: float | None = Field(None, gt=0, le=1, description="share of the eligible clients selected each round")
+    candidates: int | None = Field(
+        None, ge=1, description="Power-of-Choice: d, the candidates sampled by data size (default 2 m)"
+    )
+    batch: int | None = Field(None, ge=1, description="cpow-d: the examples a candidate scores its loss on")
+    refresh_every: int | None = Field(
+        None, ge=0, description="DivFL: re-probe every client's gradient every this many rounds (0: first round only)"
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> SelectionConfig:
@@ -148,25 +202,36 @@ class SelectionConfig(_Section):
 
 
 class CommunicationConfig(_Section):
-    #: FedPAQ: quantize every upload with s levels (unbiased, QSGD-style); unset: send it as it is
-    levels: int | None = Field(None, ge=1, le=2**31 - 1)
+    levels: int | None = Field(
+        None,
+        ge=1,
+        le=2**31 - 1,
+        description="FedPAQ: quantize every upload with s levels (unbiased, QSGD-style); unset: send it as it is",
+    )
 
 
 class RayConfig(_Section):
     """``runtime.executor: ray``: where the actors run and what each gets."""
 
-    #: unset: start a local Ray (127.0.0.1 only); ``auto`` or ``HOST:PORT``: join a running cluster
-    address: str | None = None
-    #: actors (default: runtime.workers, else one per CPU of the machine or cluster)
-    workers: int | None = Field(None, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    #: fractional: 0.5 puts two actors on one GPU (their clients train on it)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    #: a share whose actor died is run again this many times in a call, then its clients fail that round
-    max_retries: int = Field(2, ge=0)
-    #: driver: ship the driver's data through the object store; node: each actor loads it from
-    #: data.root on its own node; auto: node when joining a cluster, driver otherwise
-    data: Literal["auto", "driver", "node"] = "auto"
+    address: str | None = Field(
+        None, description="unset: start a local Ray (127.0.0.1 only); auto or HOST:PORT: join a running cluster"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="actors (default: runtime.workers, else one per CPU of the machine or cluster)"
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each actor")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="fractional: 0.5 puts two actors on one GPU (their clients train on it)"
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="a share whose actor died is run again this many times in a call, then its clients fail that round",
+    )
+    data: Literal["auto", "driver", "node"] = Field(
+        "auto",
+        description="driver: ship the driver's data through the object store; node: each actor loads it from data.root on its own node; auto: node when joining a cluster, driver otherwise",
+    )
 
     @field_validator("address")
     @classmethod
@@ -175,31 +240,43 @@ class RayConfig(_Section):
             return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in v:
-            raise ValueError(f"got {v!r}, allowed: unset (a local Ray), auto, or HOST:PORT of a running Ray cluster's head node")
+            raise ValueError(
+                f"got {v!r}, allowed: unset (a local Ray), auto, or HOST:PORT of a running Ray cluster's head node"
+            )
         return v
 
 
 class FlowerConfig(_Section):
     """Deployment through Flower (``fedhet flower app``): how long the server waits for nodes."""
 
-    #: seconds a request waits for its node's answer; a node that does not answer in time is left
-    #: out of that round
-    timeout: float = Field(600.0, gt=0)
-    #: seconds the server waits at the start for a node of every client (data.num_clients)
-    wait: float = Field(300.0, gt=0)
+    timeout: float = Field(
+        600.0,
+        gt=0,
+        description="seconds a request waits for its node's answer; a node that does not answer in time is left out of that round",
+    )
+    wait: float = Field(
+        300.0, gt=0, description="seconds the server waits at the start for a node of every client (data.num_clients)"
+    )
 
 
 class RuntimeConfig(_Section):
-    executor: Literal["sequential", "parallel", "ray"] = "sequential"
-    workers: int | None = Field(None, ge=1)
-    device: str = "auto"
-    threads: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(1, ge=1)
-    #: where personal client state lives: in memory, or on disk under the run folder (thousands of clients)
-    store: Literal["memory", "disk"] = "memory"
+    executor: Literal["sequential", "parallel", "ray"] = Field(
+        "sequential", description="sequential, parallel (worker processes) or ray"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="worker processes (parallel) or actors (ray); default: one per CPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch threads of the driver and of each worker")
+    checkpoint_every: int = Field(1, ge=1, description="write a checkpoint every this many rounds")
+    store: Literal["memory", "disk"] = Field(
+        "memory",
+        description="where personal client state lives: in memory, or on disk under the run folder (thousands of clients)",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
-    #: used by a deployed run only (the simulation executors ignore it)
-    flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    flower: FlowerConfig = Field(
+        default_factory=FlowerConfig, description="used by a deployed run only (the simulation executors ignore it)"
+    )
 
     @model_validator(mode="after")
     def _ray_options(self) -> RuntimeConfig:
@@ -223,13 +300,15 @@ class RuntimeConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(1, ge=1)
-    clients: bool = True
+    every: int = Field(1, ge=1, description="evaluate every this many rounds (and in the last one)")
+    clients: bool = Field(True, description="also evaluate each client on its own held-out split")
 
 
 class LoggingConfig(_Section):
-    dir: str = "runs"
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    dir: str = Field("runs", description="folder under which run folders are created")
+    progress: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto", description="auto (a bar on a terminal, lines otherwise), bar, lines or off"
+    )
 
     @field_validator("progress", mode="before")
     @classmethod
@@ -239,12 +318,13 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    #: modules imported before the config is checked, which register your own datasets, models,
-    #: algorithms or partitioners (``my_package.my_module``; see docs/plugins.md)
-    plugins: list[str] = Field(default_factory=list)
-    name: str = "experiment"
-    seed: int = 0
-    rounds: int = Field(10, ge=1)
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the config is checked, which register your own datasets, models, algorithms or partitioners (my_package.my_module; see docs/plugins.md)",
+    )
+    name: str = Field("experiment", description="the run's name (its folder is NAME-TIME under logging.dir)")
+    seed: int = Field(0, description="seed of every random draw (data split, initialisation, selection, training)")
+    rounds: int = Field(10, ge=1, description="communication rounds")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
