@@ -9,7 +9,8 @@ FedRolex does). The server averages every element over the clients that hold it 
 default) and leaves elements no client held unchanged; classifier rows of a class are averaged only
 over clients that have that label. Clients train with masked cross-entropy (logits of classes they do
 not have set to 0). With static BN (model option ``norm: batch``) clients normalise with batch
-statistics and the server computes cumulative statistics over the training data before evaluating;
+statistics and, before evaluating, the server gathers the BatchNorm statistics of every client's
+training batches (a federated query: each client sends only its sums);
 the scaler (model option ``scaler: true``) divides activations by r in training. The global model is
 evaluated at every width the run's tiers use.
 """
@@ -97,7 +98,7 @@ class HeteroFL(FedAvg):
     width_mode: ``prefix`` (HeteroFL) or ``rolling`` (the window slides one channel a round, FedRolex).
     label_split: average classifier rows of a class only over clients that have that label.
     masked_ce: set logits of classes a client does not have to 0 in its loss.
-    static_bn: before evaluation, compute BatchNorm statistics cumulatively over the training data
+    static_bn: before evaluation, gather BatchNorm statistics over every client's training batches
         (for models built with ``norm: batch``; a no-op for other norms).
     """
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import signal
 import sys
 import threading
@@ -140,81 +138,28 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _catalog() -> dict[str, dict[str, Any]]:
-    from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
-    from fedhet.devices.fleet import POLICIES
-
-    return {
-        "algorithms": dict(ALGORITHMS.items()),
-        "models": dict(MODELS.items()),
-        "datasets": dict(DATASETS.items()),
-        "partitioners": dict(PARTITIONERS.items()),
-        "server optimizers": dict(SERVER_OPTIMIZERS.items()),
-        "device policies": {p: None for p in POLICIES},
-    }
-
-
-def _first_line(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.splitlines()[0] if doc else ""
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    for kind, entries in _catalog().items():
+    from fedhet.experiment.catalog import catalog
+
+    for kind, entries in catalog().items():
         print(f"{kind}:")
-        for name, obj in entries.items():
-            line = _first_line(inspect.getmodule(obj) if kind == "algorithms" else obj) if obj is not None else ""
-            print(f"  {name:<14} {line}")
+        width = max(len(n) for n in entries)
+        for name, entry in entries.items():
+            print(f"  {name:<{width}}  {entry.summary}")
+    print("fedhet describe NAME: what NAME does and every option it takes (type, default, meaning)")
     return 0
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Docs of dataclass fields from ``Attributes:`` sections in the class and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        text = inspect.getdoc(klass) or ""
-        for m in re.finditer(r"^[ \t]*(\w+):[ \t]*(.+)$", text, re.MULTILINE):
-            docs[m.group(1)] = m.group(2).strip()
-    return docs
-
-
 def cmd_describe(args: argparse.Namespace) -> int:
-    name = args.name
-    found = False
-    for kind, entries in _catalog().items():
-        if name not in entries:
-            continue
-        if found:
-            print()
-        found = True
-        obj = entries[name]
-        print(f"{name} ({kind[:-1]})")
-        if kind == "algorithms":
-            print(inspect.getdoc(inspect.getmodule(obj)) or "")
-            docs = _attribute_docs(obj)
-            print("\nfields (set under `algorithm:`; local training under `local:`, server optimizer under `server:`):")
-            for f in dataclasses.fields(obj):
-                default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-                print(f"  {f.name} = {default!r}    {docs.get(f.name, '')}")
-        elif obj is not None:
-            print(inspect.getdoc(obj) or "")
-            try:
-                params = [p for p in inspect.signature(obj).parameters.values() if p.kind == p.KEYWORD_ONLY]
-                if params:
-                    print("\noptions:")
-                    for p in params:
-                        print(f"  {p.name} = {p.default!r}")
-            except (TypeError, ValueError):
-                pass
-        else:
-            from fedhet.devices import fleet
+    from fedhet.experiment.catalog import catalog, find, format_entry
 
-            print(inspect.getdoc(fleet) or "")
-    if found:
-        return 0
-    names = sorted({n for entries in _catalog().values() for n in entries})
-    print(f"fedhet describe: unknown name {name!r}; allowed: {', '.join(names)}", file=sys.stderr)
-    return 2
+    entries = find(args.name)
+    if not entries:
+        names = sorted({n for kind in catalog().values() for n in kind})
+        print(f"fedhet describe: unknown name {args.name!r}; allowed: {', '.join(names)}", file=sys.stderr)
+        return 2
+    print("\n\n".join(format_entry(e) for e in entries))
+    return 0
 
 
 def cmd_flower(args: argparse.Namespace) -> int:

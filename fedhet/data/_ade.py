@@ -326,8 +326,17 @@ def ade_ner(
     sentences (no entities). Split by document: ``test_fraction`` (default 0.2) of the documents,
     seeded by ``seed``; ``groups`` holds each training sentence's document index.
 
-    Options: ``max_length`` (default 64), ``vocab_size`` (default 8000), ``lowercase`` (default true),
-    ``tokenizer``, ``negatives`` (default false), ``test_fraction``."""
+    Defaults: max_length 64, vocab_size 8000, lowercase true.
+
+    Options:
+        max_length: tokens per example; longer ones are truncated, shorter ones padded.
+        vocab_size: size of the WordPiece vocabulary learnt from the training text.
+        lowercase: lowercase (and strip accents) before tokenizing.
+        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+            name); then vocab_size and lowercase are left out.
+        negatives: also read ADE-NEG.txt, sentences without entities.
+        test_fraction: share of the documents held out as the test split.
+    """
     reject_unknown(
         "dataset 'ade_ner'",
         unknown,

@@ -212,8 +212,15 @@ def sst2(
     Training phrases from ``train.tsv``, test sentences from ``dev.tsv``; labels 0 negative,
     1 positive; accuracy.
 
-    Options: ``max_length`` (default 64), ``vocab_size`` (default 8000), ``lowercase`` (default true),
-    ``tokenizer`` (a pretrained tokenizer instead of the trained WordPiece one)."""
+    Defaults: max_length 64, vocab_size 8000, lowercase true.
+
+    Options:
+        max_length: tokens per example; longer ones are truncated, shorter ones padded.
+        vocab_size: size of the WordPiece vocabulary learnt from the training text.
+        lowercase: lowercase (and strip accents) before tokenizing.
+        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+            name); then vocab_size and lowercase are left out.
+    """
     _check("sst2", root, seed, unknown)
     opts = text_options(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=64
@@ -241,8 +248,16 @@ def mrpc(
     Pairs from ``msr_paraphrase_train.txt`` and ``msr_paraphrase_test.txt``; labels 0 not
     equivalent, 1 equivalent.
 
-    Options: ``max_length`` (default 128), ``vocab_size`` (default 8000), ``lowercase`` (default
-    true), ``tokenizer``. The tokenizer is trained on both sentences of every training pair."""
+    The tokenizer is trained on both sentences of every training pair. Defaults: max_length 128,
+    vocab_size 8000, lowercase true.
+
+    Options:
+        max_length: tokens per example; longer ones are truncated, shorter ones padded.
+        vocab_size: size of the WordPiece vocabulary learnt from the training text.
+        lowercase: lowercase (and strip accents) before tokenizing.
+        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+            name); then vocab_size and lowercase are left out.
+    """
     _check("mrpc", root, seed, unknown)
     opts = text_options(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=128
@@ -271,8 +286,16 @@ def stsb(
     Pairs from ``sts-train.tsv`` and ``sts-dev.tsv``; ``y`` float32 scores in [0, 5]; Pearson and
     Spearman correlation (one output, ``num_classes`` 1; score bins of width 5/6 stratify splits).
 
-    Options: ``max_length`` (default 128), ``vocab_size`` (default 8000), ``lowercase`` (default
-    true), ``tokenizer``. The tokenizer is trained on both sentences of every training pair."""
+    The tokenizer is trained on both sentences of every training pair. Defaults: max_length 128,
+    vocab_size 8000, lowercase true.
+
+    Options:
+        max_length: tokens per example; longer ones are truncated, shorter ones padded.
+        vocab_size: size of the WordPiece vocabulary learnt from the training text.
+        lowercase: lowercase (and strip accents) before tokenizing.
+        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+            name); then vocab_size and lowercase are left out.
+    """
     _check("stsb", root, seed, unknown)
     opts = text_options(
         max_length=max_length, vocab_size=vocab_size, lowercase=lowercase, tokenizer=tokenizer, default_max_length=128

@@ -351,13 +351,19 @@ def imagefolder(
 ) -> DatasetBundle:
     """Your own images: a folder or zip of class-named image folders (any classes, sizes, PNG/JPEG).
 
-    ``path`` (required): the folder or .zip, absolute or relative to the data root; layouts
-    ``train/<class>/*`` + ``test/<class>/*``, or ``<class>/*`` split per class by ``test_fraction``
-    (default 0.2, seeded by ``seed``). ``size``: resize every image to this (an integer or
-    [height, width]; default: keep the native size, which must then be the same for every image).
-    ``channels``: 1, 3 or auto (1 when every image is grayscale). ``augment``: random crop (padding
-    1/8 of the height) and horizontal flip. Normalized per channel with the training split's mean
-    and std (in ``info``, saved with a run). Decoded once and cached."""
+    Layouts ``train/<class>/*`` with ``test/<class>/*``, or ``<class>/*`` split per class. Normalized
+    per channel with the training split's mean and std (in ``info``, saved with a run). Decoded once
+    and cached.
+
+    Options:
+        path: the folder or .zip (required), absolute or relative to the data root.
+        size: resize every image to this (an integer, or [height, width]); unset: keep the native
+            size, which must then be the same for every image.
+        channels: 1 (grayscale), 3 (RGB) or auto (1 when every image is grayscale).
+        test_fraction: with one tree, the share of each class held out as the test split (default
+            0.2, seeded by seed).
+        augment: random crops (padding of 1/8 of the height) and horizontal flips in training.
+    """
     reject_unknown(
         "dataset 'imagefolder'", unknown, ["root", "seed", "path", "size", "channels", "test_fraction", "augment"]
     )

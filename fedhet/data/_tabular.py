@@ -184,10 +184,16 @@ def tabular(
     """Your own table (CSV, TSV, JSON Lines or Parquet): a ``label`` column (classification) or a
     ``target`` column (regression) and numeric feature columns, standardized from the training split.
 
-    ``path`` (required; absolute or relative to the data root); ``test_path`` (a test file with the
-    same columns) or ``test_fraction`` (default 0.2, stratified, seeded); ``features`` (default: every
-    other column); ``group``: a column of natural groups for the ``natural`` partitioner;
-    ``delimiter``: a CSV's field separator (default ``,``; tab for .tsv)."""
+    Options:
+        path: the file (required), absolute or relative to the data root.
+        test_path: a test file with the same columns.
+        label: the class column (classification).
+        target: the number column (regression).
+        features: the numeric columns the model sees (default: every other column).
+        group: a column of natural groups (users, sites) for the natural partitioner.
+        test_fraction: without test_path, the share of rows held out (default 0.2, stratified, seeded).
+        delimiter: a CSV's field separator (default a comma; a tab for .tsv).
+    """
     reject_unknown(
         "dataset 'tabular'",
         unknown,

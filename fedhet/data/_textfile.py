@@ -67,9 +67,22 @@ def textfile(
     pairs) and a ``label`` (classification) or ``target`` (regression) column, tokenized as the GLUE
     datasets are.
 
-    ``path`` (required), ``test_path`` or ``test_fraction`` (default 0.2, stratified, seeded);
-    ``max_length`` (default 128), ``vocab_size`` (default 8000), ``lowercase`` (default true),
-    ``tokenizer`` (a pretrained tokenizer file, folder or name); ``delimiter`` for CSV."""
+    Defaults: max_length 128, vocab_size 8000, lowercase true.
+
+    Options:
+        path: the file (required), absolute or relative to the data root.
+        test_path: a test file with the same columns.
+        text: the text column, or a list of two columns (pairs).
+        label: the class column (classification).
+        target: the number column (regression).
+        test_fraction: without test_path, the share of rows held out (default 0.2, stratified, seeded).
+        delimiter: a CSV's field separator (default a comma; a tab for .tsv).
+        max_length: tokens per example; longer ones are truncated, shorter ones padded.
+        vocab_size: size of the WordPiece vocabulary learnt from the training text.
+        lowercase: lowercase (and strip accents) before tokenizing.
+        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+            name); then vocab_size and lowercase are left out.
+    """
     reject_unknown(
         "dataset 'textfile'",
         unknown,

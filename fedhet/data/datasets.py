@@ -97,6 +97,9 @@ def digits(*, root: str | None = None, seed: int = 0, test_fraction: float = 0.2
     Pixels are scaled to [0, 1] (``/16``), shaped (N, 1, 8, 8), then standardized with the mean and
     standard deviation of the training pixels. The train/test split is stratified by label and
     seeded from ``seed``. ``root`` is accepted and ignored.
+
+    Options:
+        test_fraction: share of the images held out as the test split.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -139,6 +142,13 @@ def synthetic(
     Classes are balanced (example i has label ``i % num_classes`` before shuffling) and the split is
     stratified, so a linear model learns it well for ``noise`` around 1. Everything is drawn from
     generators derived from ``seed``. ``root`` is accepted and ignored.
+
+    Options:
+        num_samples: examples in all.
+        num_features: dimensions of an example.
+        num_classes: classes (one centre each).
+        test_fraction: share of the examples held out as the test split.
+        noise: standard deviation of the noise around each centre.
     """
     from sklearn.model_selection import train_test_split
 
@@ -206,6 +216,10 @@ def cifar10(
     plus a random horizontal flip. The padding is black (pixel value 0 before normalization, as when
     padding raw images), i.e. ``-mean / std`` per channel in the normalized tensor. The examples keep
     the source's order, so ``seed`` is accepted and unused.
+
+    Options:
+        augment: random 32x32 crops of the image padded by 4 pixels, and horizontal flips, in training.
+        download: download the official tarball (md5-checked) when no copy is found.
     """
     reject_unknown("dataset 'cifar10'", unknown, ["root", "seed", "augment", "download"])
     if not isinstance(augment, bool):

@@ -56,6 +56,10 @@ def dirichlet(
 
     Every client gets at least ``min_size`` examples: a draw that leaves a client smaller is thrown
     away and drawn again, at most ``max_tries`` times, after which a ValueError says what to change.
+
+    Options:
+        alpha: the Dirichlet concentration (required; data.alpha).
+        min_size: the fewest examples a client may get (data.min_size).
     """
     reject_unknown("partitioner 'dirichlet'", unknown, ["alpha", "min_size", "max_tries"])
     labels = _check_common(labels, num_clients)
@@ -109,6 +113,10 @@ def shards(
     holds two shards with the same majority label whenever a swap can fix it. When every class fills
     a whole number of shards (e.g. equal class sizes divisible by the shards per class) each client
     therefore sees exactly ``k`` classes.
+
+    Options:
+        classes_per_client: k, the shards (and so at most the classes) each client gets (required;
+            data.classes_per_client).
     """
     reject_unknown("partitioner 'shards'", unknown, ["classes_per_client"])
     labels = _check_common(labels, num_clients)

@@ -23,7 +23,14 @@ from fedhet.core.messages import ClientInfo, ModelSize
 from fedhet.devices.availability import Availability
 from fedhet.devices.tiers import Tier, assign_tiers, largest, smallest
 
-POLICIES = ("auto", "tiered", "all_large", "all_small", "drop_weak")
+#: Device policies and what each does, in one sentence (``fedhet list``).
+POLICIES = {
+    "auto": "The algorithm's own policy: tiered for algorithms with sub-models or personal models, else all_large.",
+    "tiered": "Each client trains the model size of its tier (needs an algorithm with sub-models).",
+    "all_large": "Every client trains the largest tier's model, its resource limits ignored (the AllLarge baseline).",
+    "all_small": "Every client trains the smallest tier's model (the AllSmall baseline).",
+    "drop_weak": "Clients below the largest tier are left out and the rest train the largest model (the DropWeak baseline).",
+}
 DROP_WEAK = ("after_selection", "before_selection")
 
 

@@ -26,6 +26,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """The data: which dataset, and how it is split over clients."""
+
     dataset: str = Field("digits", description="the registered dataset to load (see fedhet list)")
     root: str | None = Field(None, description="the data folder (default: $FEDHET_DATA, else ~/.cache/fedhet/data)")
     options: dict[str, Any] = Field(
@@ -94,6 +96,8 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The model every client trains (at its tier's size)."""
+
     name: str = Field("mlp", description="the registered model (see fedhet list)")
     options: dict[str, Any] = Field(default_factory=dict, description="the model's own options (fedhet describe MODEL)")
 
@@ -104,6 +108,8 @@ class ModelConfig(_Section):
 
 
 class DevicesConfig(_Section):
+    """The devices: tiers of model sizes, how clients get a tier, the baseline policies, dropouts and availability."""
+
     tiers: str | list[dict[str, Any]] = Field(
         "a1", description='HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion}'
     )
@@ -126,6 +132,8 @@ class DevicesConfig(_Section):
 
 
 class LocalConfig(_Section):
+    """How each client trains in a round."""
+
     epochs: int = Field(1, ge=1, description="local epochs over the client's training split")
     batch_size: int = Field(32, ge=1, description="mini-batch size")
     lr: float = Field(0.05, gt=0, description="client learning rate in round 1")
@@ -146,6 +154,8 @@ class LocalConfig(_Section):
 
 
 class ServerConfig(_Section):
+    """The server optimizer applied to the aggregated update (its hyperparameters as further keys)."""
+
     model_config = ConfigDict(extra="allow")
     name: str = Field(
         "fedavg",
@@ -165,6 +175,8 @@ class ServerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
+    """The federated algorithm (its fields as further keys)."""
+
     model_config = ConfigDict(extra="allow")
     name: str = Field(
         "fedavg", description="the registered algorithm (its fields as further keys; fedhet describe NAME)"
@@ -177,6 +189,8 @@ class AlgorithmConfig(_Section):
 
 
 class SelectionConfig(_Section):
+    """Which clients take part in each round."""
+
     name: Literal["uniform", "pow-d", "cpow-d", "rpow-d", "divfl"] = Field(
         "uniform", description="uniform, Power-of-Choice (pow-d, cpow-d, rpow-d) or divfl"
     )
@@ -202,6 +216,8 @@ class SelectionConfig(_Section):
 
 
 class CommunicationConfig(_Section):
+    """How uploads travel (FedPAQ's quantization)."""
+
     levels: int | None = Field(
         None,
         ge=1,
@@ -211,7 +227,7 @@ class CommunicationConfig(_Section):
 
 
 class RayConfig(_Section):
-    """``runtime.executor: ray``: where the actors run and what each gets."""
+    """The Ray executor's options (runtime.executor: ray): where the actors run and what each gets."""
 
     address: str | None = Field(
         None, description="unset: start a local Ray (127.0.0.1 only); auto or HOST:PORT: join a running cluster"
@@ -247,7 +263,7 @@ class RayConfig(_Section):
 
 
 class FlowerConfig(_Section):
-    """Deployment through Flower (``fedhet flower app``): how long the server waits for nodes."""
+    """A deployed run's options (fedhet flower app, trial): how long the server waits for nodes."""
 
     timeout: float = Field(
         600.0,
@@ -260,6 +276,8 @@ class FlowerConfig(_Section):
 
 
 class RuntimeConfig(_Section):
+    """Where and how the clients run: the executor, devices, threads, checkpoints and client state."""
+
     executor: Literal["sequential", "parallel", "ray"] = Field(
         "sequential", description="sequential, parallel (worker processes) or ray"
     )
@@ -273,7 +291,7 @@ class RuntimeConfig(_Section):
         "memory",
         description="where personal client state lives: in memory, or on disk under the run folder (thousands of clients)",
     )
-    ray: RayConfig = Field(default_factory=RayConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray executor's options (runtime.ray section)")
     flower: FlowerConfig = Field(
         default_factory=FlowerConfig, description="used by a deployed run only (the simulation executors ignore it)"
     )
@@ -300,11 +318,15 @@ class RuntimeConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """When and what is evaluated."""
+
     every: int = Field(1, ge=1, description="evaluate every this many rounds (and in the last one)")
     clients: bool = Field(True, description="also evaluate each client on its own held-out split")
 
 
 class LoggingConfig(_Section):
+    """Where run folders go and how progress shows."""
+
     dir: str = Field("runs", description="folder under which run folders are created")
     progress: Literal["auto", "bar", "lines", "off"] = Field(
         "auto", description="auto (a bar on a terminal, lines otherwise), bar, lines or off"

@@ -122,15 +122,26 @@ class CNN(nn.Module):
         return blocks
 
 
+CNN_DEFAULTS: dict[str, Any] = {"channels": (32, 64), "hidden": 512, "norm": "none", "scaler": False, "exits": "last"}
+
+
 @MODELS.register("cnn")
 def cnn(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """Options: ``channels=(32, 64)`` (conv output channels), ``hidden=512`` (fc units), both at full
-    size and scaled by ``size.width``; ``norm="none"`` (or ``bn``, ``batch``, ``gn``), ``scaler=False``,
-    ``exits="last"``. ``size.depth`` keeps the first conv stages. ``input_shape`` is ``(channels,
-    height, width)``."""
-    opts = take_options(
-        "cnn", options, {"channels": (32, 64), "hidden": 512, "norm": "none", "scaler": False, "exits": "last"}
-    )
+    """The CNN of the FedAvg paper: 5x5 conv stages with 2x2 max pooling, a fully connected layer and a
+    linear classifier, for (channels, height, width) images.
+
+    ``size.width`` scales every channel count and the fully connected layer; ``size.depth`` keeps the
+    first conv stages.
+
+    Options:
+        channels: output channels of each conv stage at full width.
+        hidden: units of the fully connected layer at full width.
+        norm: normalisation after each conv: none, bn (tracked BatchNorm), batch (batch statistics
+            only, HeteroFL's static BN) or gn (GroupNorm).
+        scaler: divide activations by the width in training (HeteroFL's scaler).
+        exits: last (one classifier) or all (a classifier after every stage, for DepthFL).
+    """
+    opts = take_options("cnn", options, CNN_DEFAULTS)
     c, h, w = check_input_shape("cnn", input_shape, ndim=3)
     num_classes = positive_int("cnn", "num_classes", num_classes)
     full = positive_ints("cnn", "channels", opts["channels"])
@@ -155,3 +166,5 @@ def cnn(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **op
         norm=check_norm("cnn", opts["norm"]),
         scaler=size.width if check_flag("cnn", "scaler", opts["scaler"]) else None,
     )
+
+cnn.option_defaults = CNN_DEFAULTS  # type: ignore[attr-defined]

@@ -91,12 +91,21 @@ class MLP(nn.Module):
         return [DepthBlock((f"body.{i}",), (self._exit_name(i),)) for i in range(len(self.body))]
 
 
+MLP_DEFAULTS: dict[str, Any] = {"hidden": (200, 200), "scaler": False, "exits": "last"}
+
+
 @MODELS.register("mlp")
 def mlp(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """Options: ``hidden=(200, 200)`` (hidden widths at full size; scaled by ``size.width``),
-    ``scaler=False`` (divide hidden activations by ``size.width`` in training), ``exits="last"``.
-    ``size.depth`` keeps the first hidden layers."""
-    opts = take_options("mlp", options, {"hidden": (200, 200), "scaler": False, "exits": "last"})
+    """A multilayer perceptron with ReLU hidden layers on flattened inputs.
+
+    ``size.width`` scales every hidden layer; ``size.depth`` keeps the first hidden layers.
+
+    Options:
+        hidden: widths of the hidden layers at full width.
+        scaler: divide hidden activations by the width in training (HeteroFL's scaler).
+        exits: last (one classifier) or all (a classifier after every hidden layer, for DepthFL).
+    """
+    opts = take_options("mlp", options, MLP_DEFAULTS)
     shape = check_input_shape("mlp", input_shape)
     num_classes = positive_int("mlp", "num_classes", num_classes)
     full = positive_ints("mlp", "hidden", opts["hidden"])
@@ -110,3 +119,5 @@ def mlp(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **op
         exits=check_exits("mlp", opts["exits"]),
         scaler=size.width if check_flag("mlp", "scaler", opts["scaler"]) else None,
     )
+
+mlp.option_defaults = MLP_DEFAULTS  # type: ignore[attr-defined]

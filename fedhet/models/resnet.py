@@ -355,9 +355,7 @@ def _build(
     size: ModelSize,
     options: dict[str, Any],
 ) -> PreActResNet:
-    opts = take_options(
-        name, options, {**defaults, "norm": "bn", "scaler": False, "exits": "last", "exit_head": "linear"}
-    )
+    opts = take_options(name, options, {**defaults, **RESNET_COMMON})
     c, _, _ = check_input_shape(name, input_shape, ndim=3)
     num_classes = positive_int(name, "num_classes", num_classes)
     hidden = positive_ints(name, "hidden", opts["hidden"])
@@ -390,21 +388,53 @@ def _build(
     )
 
 
+RESNET_COMMON: dict[str, Any] = {"norm": "bn", "scaler": False, "exits": "last", "exit_head": "linear"}
+RESNET18_DEFAULTS: dict[str, Any] = {"hidden": (64, 128, 256, 512), "blocks": (2, 2, 2, 2), **RESNET_COMMON}
+RESNET_SMALL_DEFAULTS: dict[str, Any] = {"hidden": (16, 32, 64, 128), "blocks": (1, 1, 1, 1), **RESNET_COMMON}
+_RESNET_OPTIONS = """
+    Options:
+        hidden: channels of each stage at full width.
+        blocks: residual blocks in each stage.
+        norm: normalisation: bn (tracked BatchNorm), batch (batch statistics only, HeteroFL's static
+            BN), gn (GroupNorm) or none.
+        scaler: divide activations by the width in training (HeteroFL's scaler).
+        exits: last (one classifier) or all (a classifier after every stage, for DepthFL).
+        exit_head: linear, or bottleneck (DepthFL's exits before the last stage).
+"""
+
+
 @MODELS.register("resnet18")
 def resnet18(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """Pre-activation ResNet-18 (HeteroFL's CIFAR model). Options: ``hidden=(64, 128, 256, 512)``,
-    ``blocks=(2, 2, 2, 2)``, ``norm="bn"`` (bn, batch, gn, none), ``scaler=False``, ``exits="last"``
-    (or ``"all"``), ``exit_head="linear"`` (or ``"bottleneck"``: DepthFL's exits before the last
-    stage). ``input_shape`` is ``(channels, height, width)``."""
-    defaults = {"hidden": (64, 128, 256, 512), "blocks": (2, 2, 2, 2)}
+    defaults = {k: RESNET18_DEFAULTS[k] for k in ("hidden", "blocks")}
     return _build("resnet18", defaults, input_shape=input_shape, num_classes=num_classes, size=size, options=options)
+
+
+resnet18.__doc__ = (
+    """Pre-activation ResNet-18 (HeteroFL's CIFAR model, stages of 2 blocks) for (channels, height,
+    width) images.
+
+    ``size.width`` scales every channel count; ``size.depth`` keeps the first stages.
+"""
+    + _RESNET_OPTIONS
+)
+resnet18.option_defaults = RESNET18_DEFAULTS  # type: ignore[attr-defined]
 
 
 @MODELS.register("resnet_small")
 def resnet_small(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """A narrow pre-activation ResNet for CPU runs: ``hidden=(16, 32, 64, 128)``, ``blocks=(1, 1, 1, 1)``;
-    other options as ``resnet18``."""
-    defaults = {"hidden": (16, 32, 64, 128), "blocks": (1, 1, 1, 1)}
+    defaults = {k: RESNET_SMALL_DEFAULTS[k] for k in ("hidden", "blocks")}
     return _build(
         "resnet_small", defaults, input_shape=input_shape, num_classes=num_classes, size=size, options=options
     )
+
+
+
+resnet_small.__doc__ = (
+    """A narrow pre-activation ResNet for CPU runs (stages of 16, 32, 64 and 128 channels, one block
+    each) for (channels, height, width) images.
+
+    ``size.width`` scales every channel count; ``size.depth`` keeps the first stages.
+"""
+    + _RESNET_OPTIONS
+)
+resnet_small.option_defaults = RESNET_SMALL_DEFAULTS  # type: ignore[attr-defined]

@@ -434,12 +434,25 @@ def _fail(field: str, value: Any, allowed: str) -> ValueError:
 
 @MODELS.register(NAME)
 def transformer(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **options: Any) -> nn.Module:
-    """BERT-style encoder (see the module docstring). Options: ``hidden=128``, ``layers=6`` (layers at
-    full depth), ``heads=4``, ``ffn=512``, ``dropout=0.1``, ``vocab_size`` (required unless
-    ``pretrained``), ``output="sequence"`` (or ``"token"``), ``max_positions=None`` (the sequence
-    length ``L``), ``exits="last"`` (or ``"all"``), ``pretrained=None`` (a Hugging Face BERT/RoBERTa
-    name or local path). ``input_shape`` is ``(3, L)``; ``size.depth`` keeps the first layers and
-    ``size.width`` scales hidden size, heads and FFN size."""
+    """A BERT-style transformer encoder for text classification, regression and token tagging (the
+    text datasets' (3, L) encoding).
+
+    ``size.depth`` keeps the first layers; ``size.width`` scales the hidden size, the heads and the
+    feed-forward size. See the module docstring for the layout and the pretrained weights.
+
+    Options:
+        hidden: hidden size at full width.
+        layers: encoder layers at full depth.
+        heads: attention heads at full width (a divisor of hidden).
+        ffn: feed-forward size at full width.
+        dropout: dropout on embeddings, attention weights and hidden states.
+        vocab_size: vocabulary size (text datasets pass it; required unless pretrained).
+        output: sequence (one prediction per example) or token (one per position).
+        max_positions: position embeddings (default: the sequence length of input_shape).
+        exits: last (one classifier) or all (a classifier after every layer, for DepthFL).
+        pretrained: a Hugging Face BERT or RoBERTa name, or a local folder (such as fedhet pretrain's),
+            whose weights initialise the encoder.
+    """
     opts = take_options(NAME, options, DEFAULTS)
     shape = check_input_shape(NAME, input_shape)
     if len(shape) != 2 or shape[0] != 3:
@@ -531,5 +544,7 @@ def transformer(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSi
         ckpt.copy_into(model)
     return model
 
+
+transformer.option_defaults = DEFAULTS  # type: ignore[attr-defined]
 
 __all__ = ["TransformerEncoder", "transformer"]

@@ -45,8 +45,11 @@ class ClientSelector(ABC):
 
 @dataclass(frozen=True)
 class Uniform(ClientSelector):
-    """``clients_per_round`` clients (or ``fraction`` of the eligible ones, rounded up) drawn uniformly
-    without replacement from (seed, "select", round)."""
+    """Uniform sampling: clients_per_round of the eligible clients (or a fraction of them, rounded
+    up), drawn without replacement.
+
+    The draw comes from the generator keyed by (seed, "select", round).
+    """
 
     clients_per_round: int | None = None
     fraction: float | None = None

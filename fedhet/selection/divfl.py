@@ -52,7 +52,10 @@ def facility_location(distances: torch.Tensor, m: int) -> list[int]:
 
 @dataclass(frozen=True)
 class DivFL(ClientSelector):
-    """Attributes:
+    """DivFL: a diverse subset, the clients whose gradients best represent every eligible client's
+    (greedy facility location).
+
+    Attributes:
     clients_per_round: m, the clients trained each round.
     refresh_every: re-probe every eligible client's gradient every this many rounds (0: only in
         the first round; afterwards only the selected clients' gradients are refreshed).

@@ -32,7 +32,12 @@ from fedhet.core.messages import ClientInfo
 from fedhet.core.types import Metrics
 from fedhet.selection.base import ClientSelector, Probe
 
-VARIANTS = ("pow-d", "cpow-d", "rpow-d")
+#: The Power-of-Choice variants and what each does, in one sentence (``fedhet list``).
+VARIANTS = {
+    "pow-d": "Power-of-Choice: the m highest-loss clients among d candidates sampled by data size, each scoring its whole training split.",
+    "cpow-d": "Power-of-Choice, cheaper: as pow-d, each candidate scoring its loss on a batch of b examples.",
+    "rpow-d": "Power-of-Choice without probes: as pow-d, ranking candidates by the loss each last reported in training.",
+}
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ from fedhet.server_opt.transforms import (
 def fedavg(*, lr: float = 1.0) -> GradientTransformation[Any]:
     """Server SGD: ``θ ← θ − η g``.
 
-    ``lr`` (η, server learning rate): 1.0 gives plain FedAvg (McMahan et al., AISTATS 2017), the
-    new global model being the aggregate.
+    1.0 gives plain FedAvg (McMahan et al., AISTATS 2017), the new global model being the aggregate.
+
+    Options:
+        lr: η, the server learning rate.
     """
     check.positive("lr", lr)
     return chain(Scale(-lr))
@@ -44,8 +46,12 @@ def fedavgm(*, lr: float = 1.0, momentum: float = 0.9) -> GradientTransformation
     Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
     Visual Classification", arXiv:1909.06335, 2019.
 
-    ``lr`` (η, server learning rate) and ``momentum`` (β). The paper sweeps both; β = 0.9 with
-    η = 1.0 is a common starting point, not a value the paper prescribes for every task.
+    The paper sweeps both; β = 0.9 with η = 1.0 is a common starting point, not a value the paper
+    prescribes for every task.
+
+    Options:
+        lr: η, the server learning rate.
+        momentum: β, the momentum coefficient.
     """
     check.positive("lr", lr)
     check.decay("momentum", momentum)
@@ -59,9 +65,14 @@ def fedadam(*, lr: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau: float =
     Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2
     (https://arxiv.org/abs/2003.00295).
 
-    ``lr`` (η, server learning rate), ``b1`` (β1), ``b2`` (β2), ``tau`` (τ, degree of adaptivity).
     β1 = 0.9 and β2 = 0.99 are the values the paper fixes for its experiments; η and τ were tuned per
     task there, so 0.01 and 1e-3 are starting points rather than the paper's settings for a given task.
+
+    Options:
+        lr: η, the server learning rate.
+        b1: β1, the decay of the first moment m.
+        b2: β2, the decay of the second moment v.
+        tau: τ, the degree of adaptivity (added to √v).
     """
     check.positive("lr", lr)
     return chain(ScaleByAdam(b1=b1, b2=b2, tau=tau), Scale(-lr))
@@ -73,8 +84,14 @@ def fedyogi(*, lr: float = 0.01, b1: float = 0.9, b2: float = 0.99, tau: float =
 
     Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2.
 
-    ``lr`` (η), ``b1`` (β1), ``b2`` (β2), ``tau`` (τ). β1 = 0.9 and β2 = 0.99 as fixed in the paper's
-    experiments; η and τ were tuned per task there (0.01 and 1e-3 are starting points).
+    β1 = 0.9 and β2 = 0.99 as fixed in the paper's experiments; η and τ were tuned per task there
+    (0.01 and 1e-3 are starting points).
+
+    Options:
+        lr: η, the server learning rate.
+        b1: β1, the decay of the first moment m.
+        b2: β2, the decay of the second moment v.
+        tau: τ, the degree of adaptivity (added to √v).
     """
     check.positive("lr", lr)
     return chain(ScaleByYogi(b1=b1, b2=b2, tau=tau), Scale(-lr))
@@ -86,9 +103,13 @@ def fedadagrad(*, lr: float = 0.01, b1: float = 0.0, tau: float = 1e-3) -> Gradi
 
     Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2.
 
-    ``lr`` (η), ``b1`` (β1), ``tau`` (τ). ``b1`` defaults to 0 (no server momentum: ``m`` is the
-    current pseudo-gradient); Algorithm 2 allows β1 > 0. η and τ were tuned per task in the paper
-    (0.01 and 1e-3 are starting points).
+    ``b1`` defaults to 0 (no server momentum: ``m`` is the current pseudo-gradient); Algorithm 2
+    allows β1 > 0. η and τ were tuned per task in the paper (0.01 and 1e-3 are starting points).
+
+    Options:
+        lr: η, the server learning rate.
+        b1: β1, the decay of the first moment m.
+        tau: τ, the degree of adaptivity (added to √v).
     """
     check.positive("lr", lr)
     return chain(ScaleByAdagrad(b1=b1, tau=tau), Scale(-lr))

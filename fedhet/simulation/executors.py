@@ -24,6 +24,14 @@ from fedhet.simulation.world import ClientOutcome, ClientWorld, run_eval, run_pr
 Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
 
 
+#: The executors and what each does, in one sentence (``fedhet list``).
+EXECUTORS = {
+    "sequential": "Every client of a round in turn in this process (the reference every other executor matches bit for bit).",
+    "parallel": "The round's clients in shares over long-lived worker processes on this machine, the same bits as sequential.",
+    "ray": "The round's clients in shares over Ray actors, on this machine or a Ray cluster, the same bits as sequential.",
+}
+
+
 @dataclass
 class RoundOutcome:
     acc: Accumulator

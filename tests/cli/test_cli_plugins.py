@@ -64,7 +64,8 @@ def test_installed_entry_point_is_loaded(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "sensor_windows" in done.stdout and "conv1d" in done.stdout and "fedavg_clipped" in done.stdout
     described = _fedhet("describe", "fedavg_clipped", path=[site, EXAMPLE], cwd=tmp_path)
-    assert "max_norm = 1.0" in described.stdout
+    assert described.stdout.startswith("fedavg_clipped (algorithm)\n\nFedAvg with client-side update clipping.")
+    assert "  max_norm   float, default 1.0: largest L2 norm of a client's update" in described.stdout
 
 
 def test_failing_plugins_are_one_line_errors(tmp_path):
