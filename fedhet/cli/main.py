@@ -24,41 +24,89 @@ def _run_dir(base: str, name: str) -> Path:
     return path
 
 
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {o.partition("=")[0].strip() for o in overrides if "=" in o}
+
+
+def _run_name(cfg: Any, config_path: str | None, overrides: list[str]) -> str:
+    """The run's name: the config's, with the algorithm's name swapped for the one an
+    ``algorithm.name=`` override chose (appended when the config's name does not contain it)."""
+    keys = _override_keys(overrides)
+    if "algorithm.name" not in keys or "name" in keys:
+        return cfg.name
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text()) if config_path else None
+    before = ((raw or {}).get("algorithm") or {}).get("name", "fedavg") if isinstance(raw, dict) else "fedavg"
+    after = cfg.algorithm.name
+    if before == after:
+        return cfg.name
+    return cfg.name.replace(before, after) if before in cfg.name else f"{cfg.name}-{after}"
+
+
+def _check_resume(cfg: Any, saved: Path) -> None:
+    """A resumed run's config must be the saved one, except runtime, logging and more rounds."""
+    from fedhet.experiment.config import load_config
+
+    # both through validation, so fields added since the run was saved compare at their defaults
+    old = load_config(saved).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+    for section in ("runtime", "logging", "plugins"):
+        old.pop(section, None)
+        new.pop(section, None)
+    # a resumed run may be extended: nothing in a round depends on the total number of rounds
+    if new.get("rounds", 0) < old.get("rounds", 0):
+        raise ConfigError(
+            f"--resume: rounds={new.get('rounds')} is fewer than the run's {old.get('rounds')}; allowed: >= {old.get('rounds')} (to extend it)"
+        )
+    old.pop("rounds", None)
+    new.pop("rounds", None)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"--resume: the config differs from the run's saved config in: {', '.join(diff)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhet.experiment.build import build_run
+    from fedhet.experiment.checkpoint import load_checkpoint
+    from fedhet.experiment.compare import summarize
     from fedhet.experiment.config import dump_config, load_config
     from fedhet.experiment.logging import write_run_header
+    from fedhet.experiment.report import print_table
     from fedhet.simulation.loop import run_rounds
 
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"runtime.device={args.device}")
-    cfg = _with_plugins(load_config(args.config, overrides), args.plugin)
+    if args.progress:
+        overrides.append(f"logging.progress={args.progress}")
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.exists():
             raise ConfigError(f"--resume: {str(run_dir)!r} has no config.yaml; allowed: a run directory fedhet wrote")
-        # both through validation, so fields added since the run was saved compare at their defaults
-        old = load_config(saved).model_dump(mode="json")
-        new = cfg.model_dump(mode="json")
-        for section in ("runtime", "logging"):
-            old.pop(section, None)
-            new.pop(section, None)
-        # a resumed run may be extended: nothing in a round depends on the total number of rounds
-        if new.get("rounds", 0) < old.get("rounds", 0):
-            raise ConfigError(f"--resume: rounds={new.get('rounds')} is fewer than the run's {old.get('rounds')}; allowed: >= {old.get('rounds')} (to extend it)")
-        old.pop("rounds", None)
-        new.pop("rounds", None)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(f"--resume: the config differs from the run's saved config in: {', '.join(diff)}")
+        if args.run_dir:
+            raise ConfigError(
+                "--resume and --run-dir: got both; allowed: --resume RUN_DIR alone (the run continues in its folder)"
+            )
+        # without a config file the run continues from its own saved config (overrides still apply)
+        cfg = _with_plugins(load_config(args.config or saved, overrides), args.plugin)
+        _check_resume(cfg, saved)
+        done = load_checkpoint(run_dir)
+        if done is not None and done["round"] >= cfg.rounds:
+            print(
+                f"run {run_dir} is finished: {done['round']} of {cfg.rounds} rounds; pass rounds=N (N > {done['round']}) to extend it"
+            )
+            return 0
     else:
+        cfg = _with_plugins(load_config(args.config, overrides), args.plugin)
+        cfg = cfg.model_copy(update={"name": _run_name(cfg, args.config, overrides)})
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
     run = build_run(cfg, run_dir)  # loads the data: errors surface before anything is written
     write_run_header(run_dir, dump_config(cfg), run.world.dataset)
     print(f"run directory: {run_dir}", file=sys.stderr)
     print(run.world.dataset.summary(), file=sys.stderr)
+    started = time.perf_counter()
     try:
         result = run_rounds(run, resume=bool(args.resume))
     finally:
@@ -71,6 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (k.startswith("eval/") or k.startswith(f"clients/{metric}")) and isinstance(v, float)
     }
     print("final: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    if result.history:
+        print_table(cfg.name, [summarize(cfg.algorithm.name, result.history, time.perf_counter() - started)])
+    print(f"run folder: {run_dir}")
     return 0
 
 
@@ -133,7 +184,9 @@ def cmd_masks(args: argparse.Namespace) -> int:
         return 2
     n = len(summary["clients"])
     print(f"{n} clients; mean pairwise mask Hamming distance {summary['mean_hamming']:.4f}")
-    print(f"Hamming vs label-distribution cosine across pairs: Pearson {summary['pearson']:.3f}, Spearman {summary['spearman']:.3f}")
+    print(
+        f"Hamming vs label-distribution cosine across pairs: Pearson {summary['pearson']:.3f}, Spearman {summary['spearman']:.3f}"
+    )
     print(f"heatmaps: {out / 'masks.png'}  matrices: {out / 'masks.json'}")
     return 0
 
@@ -178,7 +231,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
         if args.resume and args.out:
             raise ConfigError("--resume and --out: got both; allowed: --resume DIR alone (the stopped trial's folder)")
-        out = Path(args.resume or args.out) if (args.resume or args.out) else _run_dir(cfg.logging.dir, cfg.name + "-flower")
+        out = (
+            Path(args.resume or args.out)
+            if (args.resume or args.out)
+            else _run_dir(cfg.logging.dir, cfg.name + "-flower")
+        )
         tiers = [t.strip() or None for t in args.tiers.split(",")] if args.tiers else []
         run_dir = trial(cfg, out, tiers=tiers, resume=bool(args.resume))
         print(f"deployed run: {run_dir}  (federation logs: {out / 'federation'})")
@@ -188,7 +245,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
         from fedhet.runtime.flower.node import export_client_data
 
         paths = export_client_data(load_federated(cfg), args.out)
-        print(f"{len(paths)} client data files in {args.out} (client_<id>.pt); a SuperNode serves one: --node-config \"client-id=<id> data='{Path(args.out).resolve()}/client_<id>.pt'\"")
+        print(
+            f"{len(paths)} client data files in {args.out} (client_<id>.pt); a SuperNode serves one: --node-config \"client-id=<id> data='{Path(args.out).resolve()}/client_<id>.pt'\""
+        )
         return 0
     from fedhet.experiment.build import build_algorithm, build_fleet_parts
     from fedhet.runtime.flower.deploy import write_app
@@ -241,16 +300,24 @@ def _pretrain_parser(sub: Any) -> None:
         "ADE (no test split is read). The folder written serves as data.options.tokenizer and "
         "model.options.pretrained. An unchanged finished folder is reused; a stopped one resumes from its checkpoint.",
     )
-    pt.add_argument("--out", help="folder for the model and tokenizer (default: $FEDHET_CACHE/pretrained/glue-ade-mlm, "
-                    "$FEDHET_CACHE defaulting to ~/.cache/fedhet)")
+    pt.add_argument(
+        "--out",
+        help="folder for the model and tokenizer (default: $FEDHET_CACHE/pretrained/glue-ade-mlm, "
+        "$FEDHET_CACHE defaulting to ~/.cache/fedhet)",
+    )
     pt.add_argument("--data", help="data root (default: $FEDHET_DATA, else ~/.cache/fedhet/data)")
     pt.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     pt.add_argument("--overwrite", action="store_true", help="replace a finished pretraining with other settings")
     for f in dataclasses.fields(MLMSettings):
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
         default = ",".join(f.default) if f.name == "datasets" else f.default
-        pt.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                        help=f"{f.metadata['help']} (default: {default})")
+        pt.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=kind,
+            default=None,
+            help=f"{f.metadata['help']} (default: {default})",
+        )
     pt.set_defaults(func=cmd_pretrain)
 
 
@@ -280,23 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     r.add_argument("--run-dir", help="where to write metrics and checkpoints (default: logging.dir/NAME-TIME)")
     r.add_argument("--device", help="cpu, cuda, cuda:N or auto (same as runtime.device=...)")
+    r.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines", "off"],
+        default=None,
+        help="progress display: a bar, one line a round, nothing, or auto (a bar on a terminal); same as logging.progress=...",
+    )
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run a comparison (a base config and named variants)")
-    c.add_argument("config")
+    c.add_argument("config", help="comparison YAML: name, base (a run config) and variants (name -> overrides of base)")
     c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to the base")
     c.add_argument("--out", help="output folder (default: runs/NAME-TIME)")
     c.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    c.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default=None)
-    c.add_argument("--only", help="comma-separated variant names to run; results of other variants already in --out are kept in the report")
+    c.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines", "off"],
+        default=None,
+        help="progress display: a bar, one line a round, nothing, or auto (a bar on a terminal)",
+    )
+    c.add_argument(
+        "--only",
+        help="comma-separated variant names to run; results of other variants already in --out are kept in the report",
+    )
     c.set_defaults(func=cmd_compare)
-    sub.add_parser("list", help="algorithms, models, datasets, partitioners, server optimizers").set_defaults(func=cmd_list)
+    sub.add_parser("list", help="algorithms, models, datasets, partitioners, server optimizers").set_defaults(
+        func=cmd_list
+    )
     d = sub.add_parser("describe", help="fields, defaults and docs of a registered name")
-    d.add_argument("name")
+    d.add_argument("name", help="any name fedhet list shows (an algorithm, model, dataset, config section, ...)")
     d.set_defaults(func=cmd_describe)
     rep = sub.add_parser("report", help="table, plot and Markdown report of finished runs")
-    rep.add_argument("run_dirs", nargs="+")
-    rep.add_argument("--out", required=True)
-    rep.add_argument("--title", default="fedhet report")
+    rep.add_argument("run_dirs", nargs="+", help="run folders (each with a metrics.jsonl)")
+    rep.add_argument("--out", required=True, help="folder for report.md and the plots")
+    rep.add_argument("--title", default="fedhet report", help="the report's title (default: fedhet report)")
     rep.set_defaults(func=cmd_report)
     sm = sub.add_parser(
         "summarize",
@@ -304,34 +387,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("dirs", nargs="+", help="comparison folders (one a seed), each holding one run folder a variant")
     sm.add_argument("--last", type=int, default=3, help="evaluations averaged at the end of each run (default 3)")
-    sm.add_argument("--keys", help="comma-separated metric keys to show (default: every global model and the clients' mean and p10)")
+    sm.add_argument(
+        "--keys", help="comma-separated metric keys to show (default: every global model and the clients' mean and p10)"
+    )
     sm.add_argument("--json", help="also write the whole summary (per folder and mean) to this JSON file")
     sm.set_defaults(func=cmd_summarize)
-    m = sub.add_parser("masks", help="learned sparse masks (DisPFL) against the clients' label distributions: two heatmaps")
-    m.add_argument("run_dir")
+    m = sub.add_parser(
+        "masks", help="learned sparse masks (DisPFL) against the clients' label distributions: two heatmaps"
+    )
+    m.add_argument("run_dir", help="a DisPFL run folder")
     m.add_argument("--out", help="output folder (default: the run folder)")
     m.set_defaults(func=cmd_masks)
-    fl = sub.add_parser("flower", help="deploy an experiment on real devices through Flower (app folder, client data, certificates)")
+    fl = sub.add_parser(
+        "flower", help="deploy an experiment on real devices through Flower (app folder, client data, certificates)"
+    )
     fsub = fl.add_subparsers(dest="flower_command", required=True)
     fa = fsub.add_parser("app", help="write a Flower app folder for `flwr run` from an experiment config")
     fa.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
     fa.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     fa.add_argument("--out", required=True, help="the app folder to write")
     fa.add_argument("--run-dir", help="where the server writes its results (default: logging.dir/NAME-TIME)")
-    fe = fsub.add_parser("export-data", help="write one client data file per client of an experiment's partition (for trials)")
+    fe = fsub.add_parser(
+        "export-data", help="write one client data file per client of an experiment's partition (for trials)"
+    )
     fe.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
     fe.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     fe.add_argument("--out", required=True, help="folder for client_<id>.pt")
     fc = fsub.add_parser("certs", help="a private CA, a SuperLink TLS certificate and SuperNode keys (for trials)")
     fc.add_argument("--out", required=True, help="folder for the certificates and keys")
-    fc.add_argument("--host", action="append", help="the SuperLink's IP address or DNS name (repeat; default: 127.0.0.1 and localhost)")
+    fc.add_argument(
+        "--host",
+        action="append",
+        help="the SuperLink's IP address or DNS name (repeat; default: 127.0.0.1 and localhost)",
+    )
     fc.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (node<i>.key, node<i>.pub)")
-    ft = fsub.add_parser("trial", help="run an experiment on a local Flower federation: a SuperLink and one SuperNode per client (TLS, node authentication), then stop it")
+    ft = fsub.add_parser(
+        "trial",
+        help="run an experiment on a local Flower federation: a SuperLink and one SuperNode per client (TLS, node authentication), then stop it",
+    )
     ft.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
     ft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    ft.add_argument("--out", help="folder for the data files, certificates, app, logs and the server's run (default: logging.dir/NAME-flower-TIME)")
-    ft.add_argument("--tiers", help="comma-separated tier each node reports, by client id (default: the experiment's assignment)")
-    ft.add_argument("--resume", metavar="DIR", help="continue a stopped trial from its folder (its server checkpoint and the nodes' states)")
+    ft.add_argument(
+        "--out",
+        help="folder for the data files, certificates, app, logs and the server's run (default: logging.dir/NAME-flower-TIME)",
+    )
+    ft.add_argument(
+        "--tiers", help="comma-separated tier each node reports, by client id (default: the experiment's assignment)"
+    )
+    ft.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a stopped trial from its folder (its server checkpoint and the nodes' states)",
+    )
     for q in (fa, fe, fc, ft):
         q.set_defaults(func=cmd_flower)
     _pretrain_parser(sub)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +58,23 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None, only: 
             raise ConfigError(f"variants.{vname}: {err}") from None
     if not variants:
         raise ConfigError("variants: empty; allowed: a mapping of name -> overrides of base")
+    folders: dict[str, str] = {}
+    for vname in variants:
+        other = folders.setdefault(run_dir_name(vname), vname)
+        if other != vname:
+            raise ConfigError(
+                f"variants {other!r} and {vname!r} would share the run folder {run_dir_name(vname)!r}; allowed: names "
+                "that differ in their letters, digits or . _ + -"
+            )
     return Comparison(str(data.get("name", p.stem)), variants)
 
 
 def run_dir_name(variant: str) -> str:
-    """A variant's run folder: its name with path separators replaced ("InclusiveFL w/o MD" ->
-    "InclusiveFL w-o MD"), so every variant is one folder directly under the comparison's."""
-    name = variant.replace("/", "-").replace("\\", "-").strip()
-    return name if name not in ("", ".", "..") else f"variant-{name}"
+    """A variant's run folder, shell-friendly: every run of characters other than letters, digits and
+    ``. _ + -`` becomes one ``_`` ("InclusiveFL w/o MD" -> "InclusiveFL_w_o_MD", "FjORD (KD)" ->
+    "FjORD_KD"), so every variant is one folder directly under the comparison's."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", variant).strip("_.")
+    return name or "variant"
 
 
 def headline_metric(row: dict[str, Any]) -> tuple[str, float | None]:
@@ -95,7 +105,11 @@ def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[
         "metric_name": metric,
         "final_accuracy": final,
         "best_accuracy": best,
-        "final_metrics": {k[len(target):]: v for k, v in last.items() if target and k.startswith(target) and k[len(target):] not in ("width", "loss") and v is not None},
+        "final_metrics": {
+            k[len(target) :]: v
+            for k, v in last.items()
+            if target and k.startswith(target) and k[len(target) :] not in ("width", "loss") and v is not None
+        },
         "client_accuracy_mean": last.get(f"clients/{metric}_mean"),
         "client_accuracy_p10": last.get(f"clients/{metric}_p10"),
         "bytes_total": sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in history),

@@ -180,16 +180,34 @@ def _axes():  # noqa: ANN202
     return plt.subplots(figsize=(7, 4.2))
 
 
+#: marker and line-style cycles combined with the colour cycle, so that many variants stay apart
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def style(i: int) -> dict[str, Any]:
+    """Line style of the ``i``-th variant: a colour of the 10-colour cycle, a marker of an 11-marker
+    cycle and, past 10 variants, another line style; no two of the first 40 variants look alike."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    return {"color": colors[i % 10], "marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[(i // 10) % 4]}
+
+
 def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str = "accuracy", ytext: str | None = None) -> Path:  # noqa: ANN001
-    """Label, legend (when something was drawn), save and close a figure (y axis: ``ytext``, or the
-    test ``ylabel`` in %)."""
+    """Label, legend (when something was drawn; beside the axes when it is long), save and close a
+    figure (y axis: ``ytext``, or the test ``ylabel`` in %)."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ytext or f"test {ylabel} (%)")
     ax.set_title(title, fontsize=12 if len(title) <= 60 else 9)
     ax.grid(alpha=0.3)
-    if ax.get_lines():
+    handles, _ = ax.get_legend_handles_labels()
+    if len(handles) > 6:
+        fig.set_size_inches(10, 4.6)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif handles:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -204,16 +222,26 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, clients: bool
 
     fig, ax = _axes()
     metrics = set()
-    for name, d in run_dirs.items():
+    personalized = False
+    for i, (name, d) in enumerate(run_dirs.items()):
         rows = read_jsonl(Path(d) / METRICS)
         metrics |= {r["metric"] for r in rows if r.get("metric")}
+        label = name
         if clients:
             pts = [(r["round"], r.get(f"clients/{r.get('metric')}_mean")) for r in rows]
             pts = [(x, y) for x, y in pts if y is not None]
         else:
-            pts = [(r["round"], headline_metric(r)[1]) for r in rows if headline_metric(r)[1] is not None]
+            scored = [(r["round"], *headline_metric(r)) for r in rows if headline_metric(r)[1] is not None]
+            pts = [(x, y) for x, _, y in scored]
+            # a personalized variant's headline is its clients' mean on their own splits: say so
+            if scored and scored[-1][1].startswith("clients/"):
+                label, personalized = f"{name} (client mean*)", True
         if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], markersize=4, markevery=max(1, len(pts) // 12),
+                    label=label, **style(i))  # fmt: skip
+    if personalized:
+        ax.annotate("* personalized: mean over clients of each client's model on its own test split",
+                    xy=(0, -0.2), xycoords="axes fraction", fontsize=7, va="top")  # fmt: skip
     if clients and not ax.get_lines():
         import matplotlib.pyplot as plt
 
@@ -239,11 +267,33 @@ def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     if not width_columns(rows):
         return None
     fig, ax = _axes()
-    for r in rows:
-        pts = sorted((float(w), a) for w, a in (r.get("width_accuracy") or {}).items())
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=r["variant"])
+    multi = [r for r in rows if len(r.get("width_accuracy") or {}) > 1]
+    single = [r for r in rows if len(r.get("width_accuracy") or {}) == 1]
+    widths = sorted({float(w) for r in rows for w in (r.get("width_accuracy") or {})})
+    # variants evaluated at several widths: lines, each nudged sideways a little (in log2 units) so
+    # that markers at the same width do not cover each other
+    for i, r in enumerate(multi):
+        nudge = 2 ** (0.06 * (i - (len(multi) - 1) / 2))
+        pts = sorted((float(w), a) for w, a in r["width_accuracy"].items())
+        ax.plot([p[0] * nudge for p in pts], [100 * p[1] for p in pts], label=r["variant"], **style(i))
+    # variants with one model: a faint level line across the plot, and a marker near its width, the
+    # markers of variants at the same width spread side by side (the legend gives each value)
+    at: dict[float, int] = {}
+    for r in single:
+        at[float(next(iter(r["width_accuracy"])))] = at.get(float(next(iter(r["width_accuracy"]))), 0) + 1
+    seen: dict[float, int] = {}
+    for j, r in enumerate(single, start=len(multi)):
+        ((w, a),) = r["width_accuracy"].items()
+        w = float(w)
+        k, n = seen.get(w, 0), at[w]
+        seen[w] = k + 1
+        st = style(j)
+        ax.axhline(100 * a, color=st["color"], linestyle=":", linewidth=0.8, alpha=0.6)
+        ax.plot([w * 2 ** (0.12 * (k - (n - 1) / 2))], [100 * a], linestyle="none", marker=st["marker"],
+                color=st["color"], markersize=7, label=f"{r['variant']}: {100 * a:.1f} (width {w:g} only)")  # fmt: skip
     ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [f"{w:g}" for w in widths])
+    ax.minorticks_off()
     label = metric_label(rows)
     return _save(fig, ax, path, f"{title}: {label} per width", "model width (fraction of the full model)", label)
 

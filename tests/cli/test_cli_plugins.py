@@ -34,12 +34,12 @@ def test_example_plugin_compare_from_its_config(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())}
     assert set(rows) == {"FedAvg", "FedAvg (clipped updates)"} and all(r["rounds"] == 2 for r in rows.values())
-    saved = yaml.safe_load((out / "FedAvg (clipped updates)" / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "FedAvg_clipped_updates" / "config.yaml").read_text())
     assert saved["plugins"] == ["sensors_plugin"] and saved["algorithm"]["name"] == "fedavg_clipped"
     described = json.loads((out / "FedAvg" / "dataset.json").read_text())
     assert described["class_names"] == ["walk", "run", "sit", "climb"]
     clients = [
-        json.loads(line) for line in (out / "FedAvg (clipped updates)" / "clients.jsonl").read_text().splitlines()
+        json.loads(line) for line in (out / "FedAvg_clipped_updates" / "clients.jsonl").read_text().splitlines()
     ]
     assert any("update_norm" in json.dumps(c) for c in clients)
 

@@ -155,12 +155,24 @@ def test_model_metrics_and_the_per_model_table():
     assert width_accuracy(row) == {"1": 0.5}
 
 
-def test_variant_names_with_slashes_get_one_folder():
+def test_variant_folders_are_one_shell_friendly_name():
     from fedhet.experiment.compare import run_dir_name
 
-    assert run_dir_name("InclusiveFL w/o MD") == "InclusiveFL w-o MD"
-    assert run_dir_name("a\\b") == "a-b"
-    assert run_dir_name("..") == "variant-.."
+    assert run_dir_name("InclusiveFL w/o MD") == "InclusiveFL_w_o_MD"
+    assert run_dir_name("FjORD (KD)") == "FjORD_KD"
+    assert run_dir_name("FedAvg+FT") == "FedAvg+FT"
+    assert run_dir_name("a\\b") == "a_b"
+    assert run_dir_name("..") == "variant"
+
+
+def test_variants_whose_folders_would_clash_are_refused(tmp_path):
+    from fedhet.experiment.compare import load_comparison
+    from fedhet.experiment.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nbase: {rounds: 1}\nvariants:\n  'a b': {}\n  'a/b': {}\n")
+    with pytest.raises(ConfigError, match="variants 'a b' and 'a/b' would share the run folder 'a_b'; allowed: names"):
+        load_comparison(path)
 
 
 def test_mean_squared_error_is_not_shown_as_a_percentage():
