@@ -132,12 +132,11 @@ def resolve_path(path: Any, root: Any) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise fail("path", path, "a folder or .zip file of class-named image folders")
     given = Path(path).expanduser()
-    for candidate in (given, data_root(root) / given):
+    candidates = list(dict.fromkeys([given, data_root(root) / given]))
+    for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(
-        f"data.path: {str(path)!r} does not exist (looked at {given} and {data_root(root) / given})"
-    )
+    raise FileNotFoundError(f"data.path: {str(path)!r} does not exist (looked at {' and '.join(map(str, candidates))})")
 
 
 def list_images(path: Path) -> tuple[list[Item], list[tuple[str, int, int]]]:

@@ -30,8 +30,10 @@ from fedhet.training.local import LocalTraining
 
 
 def _error(err: Exception) -> ConfigError:
+    """A config error in one line (a multi-line message, such as a list of folders searched, is
+    joined with "; ")."""
     msg = str(err.args[0]) if err.args else str(err)
-    return ConfigError(msg)
+    return ConfigError("; ".join(part.strip(" -") for part in msg.splitlines() if part.strip()))
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Any:
@@ -42,7 +44,9 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
     for key, value in extra.items():
         if key not in fields or key in ("local", "server"):
             allowed = ", ".join(n for n in fields if n not in ("local", "server")) or "(none)"
-            raise ConfigError(f"algorithm.{key}: unknown field for algorithm {cfg.algorithm.name!r}; allowed: {allowed}")
+            raise ConfigError(
+                f"algorithm.{key}: unknown field for algorithm {cfg.algorithm.name!r}; allowed: {allowed}"
+            )
         try:
             checked = TypeAdapter(hints[key]).validate_python(value)
             extra[key] = value if checked == value else checked  # keep 0 as the user wrote it
@@ -57,7 +61,9 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
                 cfg.server.name, clip=cfg.server.clip, noise_std=cfg.server.noise_std, seed=cfg.seed, **server_extra
             )
         elif cfg.server.name != "fedavg" or cfg.server.model_extra:
-            raise ConfigError(f"server.name: got {cfg.server.name!r}, but algorithm {cfg.algorithm.name!r} has no server optimizer; allowed: fedavg")
+            raise ConfigError(
+                f"server.name: got {cfg.server.name!r}, but algorithm {cfg.algorithm.name!r} has no server optimizer; allowed: fedavg"
+            )
         return cls(**kwargs)
     except ConfigError:
         raise
@@ -68,19 +74,34 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
 def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
     """The configured selector; an option that the chosen selector does not use is refused."""
     sel = cfg.selection
-    used = {"uniform": set(), "pow-d": {"candidates"}, "cpow-d": {"candidates", "batch"}, "rpow-d": {"candidates"}, "divfl": {"refresh_every"}}[sel.name]
+    used = {
+        "uniform": set(),
+        "pow-d": {"candidates"},
+        "cpow-d": {"candidates", "batch"},
+        "rpow-d": {"candidates"},
+        "divfl": {"refresh_every"},
+    }[sel.name]
     for key in ("candidates", "batch", "refresh_every"):
         if getattr(sel, key) is not None and key not in used:
-            raise ConfigError(f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset")
+            raise ConfigError(
+                f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset"
+            )
     if sel.name == "uniform":
         return Uniform(sel.clients_per_round, sel.fraction)
     if sel.clients_per_round is None and sel.fraction is None:
-        raise ConfigError(f"selection.clients_per_round: missing, allowed: an integer >= 1 (or selection.fraction) for selection {sel.name!r}")
+        raise ConfigError(
+            f"selection.clients_per_round: missing, allowed: an integer >= 1 (or selection.fraction) for selection {sel.name!r}"
+        )
     m = sel.clients_per_round or max(1, math.ceil(sel.fraction * num_clients - 1e-9))  # type: ignore[operator]
     try:
         if sel.name == "divfl":
             return DivFL(clients_per_round=m, refresh_every=sel.refresh_every or 0)
-        return PowerOfChoice(variant=sel.name, clients_per_round=m, candidates=sel.candidates or min(2 * m, num_clients), batch=sel.batch or 64)
+        return PowerOfChoice(
+            variant=sel.name,
+            clients_per_round=m,
+            candidates=sel.candidates or min(2 * m, num_clients),
+            batch=sel.batch or 64,
+        )
     except ValueError as err:
         raise _error(err) from None
 
@@ -123,7 +144,7 @@ def load_federated(cfg: ExperimentConfig) -> Any:
             rotate_degrees=cfg.data.rotate_degrees,
             **cfg.data.partitioner_options(),
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         raise _error(err) from None
 
 
@@ -145,7 +166,12 @@ def build_world(cfg: ExperimentConfig, fed: Any, device: str | None = None) -> C
     """The client world of ``cfg`` over the federated data ``fed`` (a misspelt model option fails
     here, before any training)."""
     world = ClientWorld(
-        fed, cfg.model.name, dict(cfg.model.options), cfg.seed, device or resolve_device(cfg.runtime.device), upload_levels=cfg.communication.levels
+        fed,
+        cfg.model.name,
+        dict(cfg.model.options),
+        cfg.seed,
+        device or resolve_device(cfg.runtime.device),
+        upload_levels=cfg.communication.levels,
     )
     try:
         world.build_model(ModelSize().as_config())
@@ -180,7 +206,9 @@ def build_executor(cfg: ExperimentConfig, world: ClientWorld, store: Any) -> Exe
         workers = rt.ray.workers or rt.workers
         if workers is not None and workers > num_clients:
             field = "runtime.ray.workers" if rt.ray.workers else "runtime.workers"
-            raise ConfigError(f"{field}: got {workers}, but the run has {num_clients} clients; allowed: 1 to {num_clients}")
+            raise ConfigError(
+                f"{field}: got {workers}, but the run has {num_clients} clients; allowed: 1 to {num_clients}"
+            )
         try:
             return RayExecutor(
                 world,
@@ -224,9 +252,17 @@ def build_run(
     fed = dataset if dataset is not None else load_federated(cfg)
     sel = cfg.selection
     if algorithm.decentralized and sel.name != "uniform":
-        raise ConfigError(f"selection.name: got {sel.name!r}, but {cfg.algorithm.name} is decentralized (every client trains every round); allowed: uniform")
-    if algorithm.decentralized and ((sel.clients_per_round or fed.num_clients) < fed.num_clients or (sel.fraction or 1.0) < 1.0):
-        field, value = ("clients_per_round", sel.clients_per_round) if sel.clients_per_round is not None else ("fraction", sel.fraction)
+        raise ConfigError(
+            f"selection.name: got {sel.name!r}, but {cfg.algorithm.name} is decentralized (every client trains every round); allowed: uniform"
+        )
+    if algorithm.decentralized and (
+        (sel.clients_per_round or fed.num_clients) < fed.num_clients or (sel.fraction or 1.0) < 1.0
+    ):
+        field, value = (
+            ("clients_per_round", sel.clients_per_round)
+            if sel.clients_per_round is not None
+            else ("fraction", sel.fraction)
+        )
         raise ConfigError(
             f"selection.{field}: got {value!r}, but {cfg.algorithm.name} is decentralized (every client trains every "
             f"round; its neighbours are set by the algorithm's topology); allowed: unset, fraction 1.0, or "
