@@ -56,6 +56,7 @@ MODELS: Registry[Any] = Registry("model")
 DATASETS: Registry[Any] = Registry("dataset")
 PARTITIONERS: Registry[Any] = Registry("partitioner")
 SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
+SELECTORS: Registry[Any] = Registry("client selector")
 
 _BUILTIN_MODULES = (
     "fedhet.algorithms",
@@ -63,6 +64,7 @@ _BUILTIN_MODULES = (
     "fedhet.data.datasets",
     "fedhet.data.partition",
     "fedhet.server_opt",
+    "fedhet.selection.builtins",
 )
 _loaded = False
 

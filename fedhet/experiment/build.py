@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from collections.abc import Callable
@@ -18,9 +17,7 @@ from fedhet.core.registry import ALGORITHMS
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
 from fedhet.experiment.config import ConfigError, ExperimentConfig
-from fedhet.selection.base import ClientSelector, Uniform
-from fedhet.selection.divfl import DivFL
-from fedhet.selection.poc import PowerOfChoice
+from fedhet.selection.base import ClientSelector
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.executors import Executor, SequentialExecutor
 from fedhet.simulation.loop import Run
@@ -72,37 +69,26 @@ def build_algorithm(cfg: ExperimentConfig) -> Any:
 
 
 def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
-    """The configured selector; an option that the chosen selector does not use is refused."""
+    """The configured selector (``SELECTORS[selection.name]``); a ``selection`` key that the chosen
+    selector does not use is refused."""
+    from fedhet.core.registry import SELECTORS
+    from fedhet.selection.builtins import SELECTION_KEYS
+
     sel = cfg.selection
-    used = {
-        "uniform": set(),
-        "pow-d": {"candidates"},
-        "cpow-d": {"candidates", "batch"},
-        "rpow-d": {"candidates"},
-        "divfl": {"refresh_every"},
-    }[sel.name]
-    for key in ("candidates", "batch", "refresh_every"):
-        if getattr(sel, key) is not None and key not in used:
+    factory = SELECTORS.get(sel.name)
+    uses = tuple(getattr(factory, "uses", ()))
+    for key in SELECTION_KEYS:
+        if getattr(sel, key) is not None and key not in uses:
             raise ConfigError(
                 f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset"
             )
-    if sel.name == "uniform":
-        return Uniform(sel.clients_per_round, sel.fraction)
-    if sel.clients_per_round is None and sel.fraction is None:
-        raise ConfigError(
-            f"selection.clients_per_round: missing, allowed: an integer >= 1 (or selection.fraction) for selection {sel.name!r}"
-        )
-    m = sel.clients_per_round or max(1, math.ceil(sel.fraction * num_clients - 1e-9))  # type: ignore[operator]
+    options = {k: getattr(sel, k) for k in uses if getattr(sel, k) is not None}
     try:
-        if sel.name == "divfl":
-            return DivFL(clients_per_round=m, refresh_every=sel.refresh_every or 0)
-        return PowerOfChoice(
-            variant=sel.name,
-            clients_per_round=m,
-            candidates=sel.candidates or min(2 * m, num_clients),
-            batch=sel.batch or 64,
-        )
-    except ValueError as err:
+        return factory(
+            clients_per_round=sel.clients_per_round, fraction=sel.fraction, num_clients=num_clients,
+            **options, **sel.options,
+        )  # fmt: skip
+    except (ValueError, TypeError) as err:
         raise _error(err) from None
 
 

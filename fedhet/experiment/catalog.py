@@ -127,6 +127,13 @@ def _type(annotation: Any) -> str:
     return text.replace("typing.", "")
 
 
+def _param_type(p: inspect.Parameter) -> str:
+    """A parameter's annotation, else the type of its default."""
+    if p.annotation is inspect.Parameter.empty and p.default not in (inspect.Parameter.empty, None):
+        return type(p.default).__name__
+    return _type(p.annotation)
+
+
 def without_sections(doc: str) -> str:
     """``doc`` without its ``Options:`` and ``Attributes:`` sections (``fedhet describe`` lists the
     options itself)."""
@@ -164,7 +171,7 @@ def _function_entry(kind: str, name: str, fn: Any, where: str) -> Entry:
         ]
     else:
         options = [
-            Option(p.name, _type(p.annotation), _value(p.default), meanings.get(p.name, ""))
+            Option(p.name, _param_type(p), _value(p.default), meanings.get(p.name, ""))
             for p in params
             if p.kind == p.KEYWORD_ONLY and p.name not in _INTERNAL
         ]
@@ -203,33 +210,24 @@ def _algorithm_entry(name: str, cls: Any) -> Entry:
 
 
 def _selector_entries() -> list[Entry]:
+    from fedhet.core.registry import SELECTORS
     from fedhet.experiment.config import SelectionConfig
-    from fedhet.selection import DivFL, PowerOfChoice, Uniform
-    from fedhet.selection.poc import VARIANTS
-
-    fields = SelectionConfig.model_fields
+    from fedhet.selection.builtins import SELECTION_KEYS
 
     def opt(key: str) -> Option:
-        f = fields[key]
-        return Option(key, _type(f.annotation), f.default, f.description or "")
+        return _config_option(SelectionConfig, key)
 
-    common = (opt("clients_per_round"), opt("fraction"))
-
-    def doc(cls: Any) -> str:
-        return plain(without_sections(inspect.getdoc(cls) or ""))
-
-    entries = [
-        Entry(
-            "client selectors", "uniform", first_sentence(doc(Uniform)), doc(Uniform), "selection.name: uniform", common
+    entries = []
+    for name, factory in SELECTORS.items():
+        doc = inspect.getdoc(factory) or ""
+        uses = tuple(getattr(factory, "uses", ()))
+        own = _function_entry("client selectors", name, factory, "").options
+        own = tuple(o for o in own if o.name not in ("clients_per_round", "fraction", *SELECTION_KEYS))
+        options = (opt("clients_per_round"), opt("fraction"), *(opt(k) for k in uses), *own)
+        where = f"selection.name: {name}" + ("; its own options under selection.options" if own else "")
+        entries.append(
+            Entry("client selectors", name, first_sentence(doc), plain(without_sections(doc)), where, options)
         )
-    ]
-    poc_doc = doc(PowerOfChoice) or ""
-    for variant, text in VARIANTS.items():
-        keys = ("candidates", "batch") if variant == "cpow-d" else ("candidates",)
-        entries.append(Entry("client selectors", variant, text, f"{text} {poc_doc}".strip(), f"selection.name: {variant}",
-                             common + tuple(opt(k) for k in keys)))  # fmt: skip
-    entries.append(Entry("client selectors", "divfl", first_sentence(doc(DivFL)), doc(DivFL), "selection.name: divfl",
-                         common + (opt("refresh_every"),)))  # fmt: skip
     return entries
 
 

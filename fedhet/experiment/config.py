@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS
+from fedhet.core.registry import ALGORITHMS, DATASETS, MODELS, PARTITIONERS, SELECTORS, SERVER_OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -191,8 +191,9 @@ class AlgorithmConfig(_Section):
 class SelectionConfig(_Section):
     """Which clients take part in each round."""
 
-    name: Literal["uniform", "pow-d", "cpow-d", "rpow-d", "divfl"] = Field(
-        "uniform", description="uniform, Power-of-Choice (pow-d, cpow-d, rpow-d) or divfl"
+    name: str = Field(
+        "uniform",
+        description="the registered client selector: uniform, Power-of-Choice (pow-d, cpow-d, rpow-d), divfl, or a plugin's",
     )
     clients_per_round: int | None = Field(
         None, ge=1, description="clients selected each round (unset with fraction unset: all)"
@@ -205,6 +206,15 @@ class SelectionConfig(_Section):
     refresh_every: int | None = Field(
         None, ge=0, description="DivFL: re-probe every client's gradient every this many rounds (0: first round only)"
     )
+
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="a plugin selector's own options (fedhet describe SELECTOR)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _known(v, SELECTORS)
 
     @model_validator(mode="after")
     def _one_of(self) -> SelectionConfig:

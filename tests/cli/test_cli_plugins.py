@@ -38,9 +38,7 @@ def test_example_plugin_compare_from_its_config(tmp_path):
     assert saved["plugins"] == ["sensors_plugin"] and saved["algorithm"]["name"] == "fedavg_clipped"
     described = json.loads((out / "FedAvg" / "dataset.json").read_text())
     assert described["class_names"] == ["walk", "run", "sit", "climb"]
-    clients = [
-        json.loads(line) for line in (out / "FedAvg_clipped_updates" / "clients.jsonl").read_text().splitlines()
-    ]
+    clients = [json.loads(line) for line in (out / "FedAvg_clipped_updates" / "clients.jsonl").read_text().splitlines()]
     assert any("update_norm" in json.dumps(c) for c in clients)
 
 
@@ -95,3 +93,30 @@ def test_failing_plugins_are_one_line_errors(tmp_path):
         "fedhet: entry point 'broken' (broken_plugin) of group 'fedhet.plugins' failed to import: "
         "RuntimeError: boom: the plugin is broken"
     )
+
+
+def test_a_plugin_selector_with_its_own_options(tmp_path):
+    plugin = tmp_path / "plugins"
+    plugin.mkdir()
+    (plugin / "lowest_ids.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from fedhet.core.registry import SELECTORS\n"
+        "from fedhet.selection.base import ClientSelector\n\n"
+        "@dataclass(frozen=True)\n"
+        "class Lowest(ClientSelector):\n"
+        "    k: int\n"
+        "    def select(self, state, rnd, eligible, seed, probe=None):\n"
+        "        return sorted(c.id for c in eligible)[: self.k], state\n\n"
+        "@SELECTORS.register('lowest')\n"
+        "def lowest(*, clients_per_round, fraction, num_clients, k=1):\n"
+        '    """The k clients with the lowest ids.\n\n    Options:\n        k: how many.\n    """\n'
+        "    return Lowest(k)\n"
+    )
+    run_dir = tmp_path / "run"
+    done = _fedhet("run", "--plugin", "lowest_ids", "selection.name=lowest", "selection.options.k=2", "rounds=2",
+                   "data.dataset=synthetic", "data.num_clients=5", "--run-dir", str(run_dir), path=[plugin], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (run_dir / "clients.jsonl").read_text().splitlines()]
+    assert {r["client"] for r in rows if "train_loss" in r} == {0, 1}
+    described = _fedhet("describe", "lowest", "--plugin", "lowest_ids", path=[plugin], cwd=tmp_path)
+    assert "  k                  int, default 1: how many." in described.stdout

@@ -1,6 +1,7 @@
 """fedhet.experiment.config: one-line errors naming field, value and what is allowed; overrides."""
 
 import re
+
 import pytest
 
 from fedhet.core.registry import ALGORITHMS
