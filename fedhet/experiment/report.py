@@ -344,12 +344,31 @@ def plot_client_distribution(values: dict[str, tuple[str, list[float]]], path: P
     return path
 
 
+def data_lines(run_dirs: dict[str, Path]) -> list[str]:
+    """A line naming the data the runs used (from their ``dataset.json``): dataset, classes, input
+    shape and clients, then a blank line; nothing when no run recorded it."""
+    import json
+
+    from fedhet.experiment.logging import DATASET
+
+    for d in run_dirs.values():
+        path = Path(d) / DATASET
+        if path.is_file():
+            info = json.loads(path.read_text())
+            names = info.get("class_names") or []
+            classes = f"{info['num_classes']} classes" + (f" ({', '.join(names)})" if names and len(names) <= 30 else "")
+            shape = "x".join(str(v) for v in info.get("input_shape", []))
+            return [f"Data: {info['name']}, {classes}, input {shape}, {info.get('num_clients')} clients.", ""]
+    return []
+
+
 def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
     plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
     wplot = plot_widths(rows, out_dir / "accuracy_per_width.png", title)
     text = [
         f"# {title}",
         "",
+        *data_lines(run_dirs),
         "Accuracy: the global model on the global test set; for personalized variants (no global",
         "model), the mean over clients of each client's model on its own held-out split.",
         "",

@@ -38,6 +38,7 @@ def test_example_plugin_compare_from_its_config(tmp_path):
     assert saved["plugins"] == ["sensors_plugin"] and saved["algorithm"]["name"] == "fedavg_clipped"
     described = json.loads((out / "FedAvg" / "dataset.json").read_text())
     assert described["class_names"] == ["walk", "run", "sit", "climb"]
+    assert "Data: sensor_windows, 4 classes (walk, run, sit, climb), input 3x64, 20 clients." in (out / "report.md").read_text()
     clients = [json.loads(line) for line in (out / "FedAvg_clipped_updates" / "clients.jsonl").read_text().splitlines()]
     assert any("update_norm" in json.dumps(c) for c in clients)
 
