@@ -158,7 +158,10 @@ def run_train(
     of the round with its error, and its store unchanged."""
     try:
         ctx = world.context(info, task.round, store)
-        result = algorithm.local_update(task, ctx)
+        # draws from torch's global generator inside the model (dropout) are keyed like every other
+        # draw, so a client's result does not depend on what ran before it in this process
+        with rng.seeded(world.seed, "global", "train", task.round, info.id):
+            result = algorithm.local_update(task, ctx)
         result = ClientResult(
             params={k: v.detach().cpu() for k, v in result.params.items()},
             num_examples=result.num_examples,
@@ -186,7 +189,8 @@ def run_probe(
     """``Algorithm.probe`` for one client (a selector's question before the round); an error is
     returned as its message, and the client is then not a candidate."""
     try:
-        value = algorithm.probe(task, world.context(info, task.round, store, stream="probe"), what, batch).detach().cpu()
+        with rng.seeded(world.seed, "global", "probe", task.round, info.id):
+            value = algorithm.probe(task, world.context(info, task.round, store, stream="probe"), what, batch).detach().cpu()
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"probe {what!r} is not finite")
         return value
@@ -196,7 +200,7 @@ def run_probe(
 
 def run_eval(algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any]) -> Metrics | str:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rng.seeded(world.seed, "global", "eval", task.round, info.id):
             return algorithm.evaluate_client(task, world.context(info, task.round, store, stream="eval"))
     except Exception as exc:
         return f"round {task.round}, client {info.id}, evaluate_client: {type(exc).__name__}: {exc}"
