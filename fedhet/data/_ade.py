@@ -65,6 +65,7 @@ from fedhet.data.text import (
     make_encoder,
     model_options,
     text_options,
+    with_text_options,
 )
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def encode_tagged(encoder: TextEncoder, sentences: Sequence[Sentence]) -> tuple[
 
 
 @DATASETS.register("ade_ner")
+@with_text_options
 def ade_ner(
     *,
     root: str | None = None,
@@ -329,11 +331,6 @@ def ade_ner(
     Defaults: max_length 64, vocab_size 8000, lowercase true.
 
     Options:
-        max_length: tokens per example; longer ones are truncated, shorter ones padded.
-        vocab_size: size of the WordPiece vocabulary learnt from the training text.
-        lowercase: lowercase (and strip accents) before tokenizing.
-        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
-            name); then vocab_size and lowercase are left out.
         negatives: also read ADE-NEG.txt, sentences without entities.
         test_fraction: share of the documents held out as the test split.
     """

@@ -41,7 +41,15 @@ from fedhet.data._checks import reject_unknown
 from fedhet.data.base import ArrayDataset
 from fedhet.data.datasets import DatasetBundle
 from fedhet.data.tasks import Classification, Regression
-from fedhet.data.text import check_root, check_seed, locate_files, make_encoder, model_options, text_options
+from fedhet.data.text import (
+    check_root,
+    check_seed,
+    locate_files,
+    make_encoder,
+    model_options,
+    text_options,
+    with_text_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +178,9 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 Split = tuple[list[str], list[str] | None, list[Any]]
 
 
-def _bundle(name: str, opts: Any, train: Split, test: Split, task: Any, class_names: tuple[str, ...], start: float) -> DatasetBundle:
+def _bundle(
+    name: str, opts: Any, train: Split, test: Split, task: Any, class_names: tuple[str, ...], start: float
+) -> DatasetBundle:
     """Encode (first texts, second texts or None, targets) train and test splits with a tokenizer
     learnt from the training text (both sentences of a pair) into a bundle."""
     first, second, _ = train
@@ -192,11 +202,14 @@ def _bundle(name: str, opts: Any, train: Split, test: Split, task: Any, class_na
         class_names=class_names,
         model_options=model_options(encoder, "sequence"),
     )
-    log.info("%s: %d train / %d test examples in %.1f s", name, len(train[2]), len(test[2]), time.perf_counter() - start)
+    log.info(
+        "%s: %d train / %d test examples in %.1f s", name, len(train[2]), len(test[2]), time.perf_counter() - start
+    )
     return bundle
 
 
 @DATASETS.register("sst2")
+@with_text_options
 def sst2(
     *,
     root: str | None = None,
@@ -214,12 +227,6 @@ def sst2(
 
     Defaults: max_length 64, vocab_size 8000, lowercase true.
 
-    Options:
-        max_length: tokens per example; longer ones are truncated, shorter ones padded.
-        vocab_size: size of the WordPiece vocabulary learnt from the training text.
-        lowercase: lowercase (and strip accents) before tokenizing.
-        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
-            name); then vocab_size and lowercase are left out.
     """
     _check("sst2", root, seed, unknown)
     opts = text_options(
@@ -233,6 +240,7 @@ def sst2(
 
 
 @DATASETS.register("mrpc")
+@with_text_options
 def mrpc(
     *,
     root: str | None = None,
@@ -251,12 +259,6 @@ def mrpc(
     The tokenizer is trained on both sentences of every training pair. Defaults: max_length 128,
     vocab_size 8000, lowercase true.
 
-    Options:
-        max_length: tokens per example; longer ones are truncated, shorter ones padded.
-        vocab_size: size of the WordPiece vocabulary learnt from the training text.
-        lowercase: lowercase (and strip accents) before tokenizing.
-        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
-            name); then vocab_size and lowercase are left out.
     """
     _check("mrpc", root, seed, unknown)
     opts = text_options(
@@ -271,6 +273,7 @@ def mrpc(
 
 
 @DATASETS.register("stsb")
+@with_text_options
 def stsb(
     *,
     root: str | None = None,
@@ -289,12 +292,6 @@ def stsb(
     The tokenizer is trained on both sentences of every training pair. Defaults: max_length 128,
     vocab_size 8000, lowercase true.
 
-    Options:
-        max_length: tokens per example; longer ones are truncated, shorter ones padded.
-        vocab_size: size of the WordPiece vocabulary learnt from the training text.
-        lowercase: lowercase (and strip accents) before tokenizing.
-        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
-            name); then vocab_size and lowercase are left out.
     """
     _check("stsb", root, seed, unknown)
     opts = text_options(
@@ -304,4 +301,6 @@ def stsb(
     files = locate_files("stsb", root, STSB_FOLDERS, ["sts-train.tsv", "sts-dev.tsv"])
     train = read_stsb(files["sts-train.tsv"])
     test = read_stsb(files["sts-dev.tsv"])
-    return _bundle("stsb", opts, train, test, Regression(low=STSB_LOW, high=STSB_HIGH, strata_bins=6), ("score",), start)
+    return _bundle(
+        "stsb", opts, train, test, Regression(low=STSB_LOW, high=STSB_HIGH, strata_bins=6), ("score",), start
+    )

@@ -23,7 +23,7 @@ from fedhet.data._imagefolder import resolve_path
 from fedhet.data._tabular import _class_names, held_out, numeric_column, read_table
 from fedhet.data.datasets import DatasetBundle
 from fedhet.data.tasks import Classification, Regression
-from fedhet.data.text import text_options
+from fedhet.data.text import text_options, with_text_options
 
 DEFAULT_MAX_LENGTH = 128
 
@@ -46,6 +46,7 @@ def _texts(table: dict[str, list[Any]], column: str, path: Any) -> list[str]:
 
 
 @DATASETS.register("textfile")
+@with_text_options
 def textfile(
     *,
     root: str | None = None,
@@ -77,11 +78,6 @@ def textfile(
         target: the number column (regression).
         test_fraction: without test_path, the share of rows held out (default 0.2, stratified, seeded).
         delimiter: a CSV's field separator (default a comma; a tab for .tsv).
-        max_length: tokens per example; longer ones are truncated, shorter ones padded.
-        vocab_size: size of the WordPiece vocabulary learnt from the training text.
-        lowercase: lowercase (and strip accents) before tokenizing.
-        tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
-            name); then vocab_size and lowercase are left out.
     """
     reject_unknown(
         "dataset 'textfile'",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import inspect
 import json
 import logging
 import numbers
@@ -154,6 +155,26 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise fail("seed", seed, "an integer")
     return int(seed)
+
+
+#: The ``Options:`` entries every text dataset shares (``fedhet describe`` reads them).
+TEXT_OPTIONS_DOC = """\
+    max_length: tokens per example; longer ones are truncated, shorter ones padded.
+    vocab_size: size of the WordPiece vocabulary learnt from the training text.
+    lowercase: lowercase (and strip accents) before tokenizing.
+    tokenizer: a pretrained tokenizer instead (a tokenizer.json file, a folder or a Hugging Face
+        name); then vocab_size and lowercase are left out.
+"""
+
+
+def with_text_options(fn: Any) -> Any:
+    """Append the shared text options (:data:`TEXT_OPTIONS_DOC`) to a loader's docstring, under its
+    ``Options:`` section (added when it has none)."""
+    doc = inspect.cleandoc(fn.__doc__ or "").rstrip()
+    if "\nOptions:" not in doc:
+        doc += "\n\nOptions:"
+    fn.__doc__ = doc + "\n" + TEXT_OPTIONS_DOC
+    return fn
 
 
 # ------------------------------------------------------------------------------------- files
