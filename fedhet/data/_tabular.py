@@ -155,6 +155,40 @@ def held_out(strata: np.ndarray, test_fraction: float, seed: int, key: str) -> n
     return test
 
 
+def outcome_strata(values: list[Any], classification: bool, source: Path, column: str) -> np.ndarray:
+    """The stratum of every row for a stratified split: its class, or its target's quintile."""
+    if classification:
+        names = _class_names(values)
+        return np.array([names.index(str(v).strip()) for v in values])
+    y = numeric_column({column: values}, column, source, "target")
+    return np.searchsorted(np.quantile(y, [0.2, 0.4, 0.6, 0.8]), y, side="right")
+
+
+def encode_outcome(
+    train: list[Any], test: list[Any], classification: bool, source: Path, column: str
+) -> tuple[np.ndarray, np.ndarray, Any, tuple[str, ...]]:
+    """Training and test targets as arrays (class indices, or float targets), the task they pose and
+    the class names (the column's name for regression). ValueError for a class only in the test rows
+    or a single class."""
+    if classification:
+        names = _class_names(train)
+        index = {c: i for i, c in enumerate(names)}
+        unseen = sorted({str(v).strip() for v in test} - set(index))
+        if unseen:
+            raise ValueError(
+                f"{source}: label {unseen[0]!r} occurs only in the test rows; training classes: {', '.join(names)}"
+            )
+        if len(names) < 2:
+            raise ValueError(f"{source}: label column {column!r} has one class ({names[0]!r}); allowed: two or more")
+        y_tr = np.array([index[str(v).strip()] for v in train], dtype=np.int64)
+        y_te = np.array([index[str(v).strip()] for v in test], dtype=np.int64)
+        return y_tr, y_te, Classification(), names
+    y_tr = numeric_column({column: train}, column, source, "target")
+    y_te = numeric_column({column: test}, column, source, "target") if len(test) else np.empty(0)
+    low, high = float(y_tr.min()), float(y_tr.max())
+    return y_tr, y_te, Regression(low=low, high=high if high > low else low + 1.0, strata_bins=5), (column,)
+
+
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
     """Both splits standardized with the training columns' mean and standard deviation (a constant
     column keeps std 1)."""
@@ -245,40 +279,19 @@ def tabular(
         test_fraction = fraction("test_fraction", 0.2 if test_fraction is None else test_fraction, allow_zero=False)
         x_all = np.stack([numeric_column(table, c, source, "feature") for c in feature_cols], axis=1)
         out_all = table[outcome]
-        if label is not None:
-            names_all = _class_names(out_all)
-            strata = np.array([names_all.index(str(v).strip()) for v in out_all])
-        else:
-            y_all = numeric_column(table, outcome, source, "target")
-            edges = np.quantile(y_all, [0.2, 0.4, 0.6, 0.8])
-            strata = np.searchsorted(edges, y_all, side="right")
+        strata = outcome_strata(out_all, label is not None, source, outcome)
         test = held_out(strata, test_fraction, seed, "tabular_split")
         x_tr, x_te = x_all[~test], x_all[test]
         out_tr = [v for v, t in zip(out_all, test) if not t]
         out_te = [v for v, t in zip(out_all, test) if t]
         groups_tr = [v for v, t in zip(table[group_col[0]], test) if not t] if group_col else None
 
+    ytr, yte, task, names = encode_outcome(out_tr, out_te, label is not None, source, outcome)
     if label is not None:
-        names = _class_names(out_tr)
-        index = {c: i for i, c in enumerate(names)}
-        unseen = sorted({str(v).strip() for v in out_te} - set(index))
-        if unseen:
-            raise ValueError(
-                f"{source}: label {unseen[0]!r} occurs only in the test rows; training classes: {', '.join(names)}"
-            )
-        y_tr = torch.tensor([index[str(v).strip()] for v in out_tr], dtype=torch.int64)
-        y_te = torch.tensor([index[str(v).strip()] for v in out_te], dtype=torch.int64)
-        task: Any = Classification()
-        num_classes = len(names)
-        if num_classes < 2:
-            raise ValueError(f"{source}: label column {label!r} has one class ({names[0]!r}); allowed: two or more")
+        y_tr, y_te = torch.from_numpy(ytr), torch.from_numpy(yte)
     else:
-        ytr = numeric_column({outcome: out_tr}, outcome, source, "target")
-        yte = numeric_column({outcome: out_te}, outcome, source, "target") if len(out_te) else np.empty(0)
-        low, high = float(ytr.min()), float(ytr.max())
-        task = Regression(low=low, high=high if high > low else low + 1.0, strata_bins=5)
         y_tr, y_te = torch.from_numpy(ytr.astype(np.float32)), torch.from_numpy(yte.astype(np.float32))
-        names, num_classes = (outcome,), 1
+    num_classes = len(names) if label is not None else 1
     xtr, xte, mean, std = standardize(x_tr, x_te)
     groups = None
     if groups_tr is not None:

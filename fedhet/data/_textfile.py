@@ -14,15 +14,12 @@ import dataclasses
 import time
 from typing import Any
 
-import numpy as np
-
 from fedhet.core.registry import DATASETS
 from fedhet.data._checks import fail, fraction, reject_unknown
 from fedhet.data._glue import TEXT_OPTIONS, _bundle
 from fedhet.data._imagefolder import resolve_path
-from fedhet.data._tabular import _class_names, held_out, numeric_column, read_table
+from fedhet.data._tabular import encode_outcome, held_out, outcome_strata, read_table
 from fedhet.data.datasets import DatasetBundle
-from fedhet.data.tasks import Classification, Regression
 from fedhet.data.text import text_options, with_text_options
 
 DEFAULT_MAX_LENGTH = 128
@@ -127,12 +124,7 @@ def textfile(
     else:
         frac = fraction("test_fraction", 0.2 if test_fraction is None else test_fraction, allow_zero=False)
         first, second, outs = split_of(table, source)
-        if label is not None:
-            names_all = _class_names(outs)
-            strata = np.array([names_all.index(str(v).strip()) for v in outs])
-        else:
-            y = numeric_column(table, outcome, source, "target")
-            strata = np.searchsorted(np.quantile(y, [0.2, 0.4, 0.6, 0.8]), y, side="right")
+        strata = outcome_strata(outs, label is not None, source, outcome)
         mask = held_out(strata, frac, seed, "textfile_split")
 
         def pick(values: list[Any] | None, keep: bool) -> Any:
@@ -141,25 +133,8 @@ def textfile(
         train = (pick(first, True), pick(second, True), pick(outs, True))
         test = (pick(first, False), pick(second, False), pick(outs, False))
 
-    if label is not None:
-        names = _class_names(train[2])
-        index = {c: i for i, c in enumerate(names)}
-        unseen = sorted({str(v).strip() for v in test[2]} - set(index))
-        if unseen:
-            raise ValueError(
-                f"{source}: label {unseen[0]!r} occurs only in the test rows; training classes: {', '.join(names)}"
-            )
-        if len(names) < 2:
-            raise ValueError(f"{source}: label column {label!r} has one class ({names[0]!r}); allowed: two or more")
-        train = (train[0], train[1], [index[str(v).strip()] for v in train[2]])
-        test = (test[0], test[1], [index[str(v).strip()] for v in test[2]])
-        task: Any = Classification()
-    else:
-        ytr = numeric_column({outcome: train[2]}, outcome, source, "target")
-        yte = numeric_column({outcome: test[2]}, outcome, source, "target")
-        low, high = float(ytr.min()), float(ytr.max())
-        task = Regression(low=low, high=high if high > low else low + 1.0, strata_bins=5)
-        train, test, names = (train[0], train[1], ytr.tolist()), (test[0], test[1], yte.tolist()), (outcome,)
+    y_tr, y_te, task, names = encode_outcome(train[2], test[2], label is not None, source, outcome)
+    train, test = (train[0], train[1], y_tr.tolist()), (test[0], test[1], y_te.tolist())
     bundle = _bundle("textfile", opts, train, test, task, names, start)
     return dataclasses.replace(
         bundle,
