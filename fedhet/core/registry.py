@@ -27,6 +27,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for code that registers an entry for a while, such as a test)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         load_builtins()
         try:

@@ -23,8 +23,12 @@ def _mlp_dropout(*, input_shape: tuple[int, ...], num_classes: int, size: ModelS
     return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(), nn.Dropout(p), nn.Linear(width, num_classes))
 
 
-if NAME not in MODELS:
+@pytest.fixture(autouse=True)
+def dropout_model():
+    """The test model is registered for this module's tests only (other tests go over every model)."""
     MODELS.register(NAME)(_mlp_dropout)
+    yield
+    MODELS.unregister(NAME)
 
 EXTRA = (f"model.name={NAME}", "model.options={}")
 
