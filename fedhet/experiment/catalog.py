@@ -33,18 +33,12 @@ KINDS = (
     "executors",
     "config sections",
 )
-#: Parameters every function of a kind takes from fedhet, not from the user.
+#: Parameters the functions of a kind take from fedhet, not from the user's options.
 _INTERNAL = {
-    "root",
-    "seed",
-    "input_shape",
-    "num_classes",
-    "size",
-    "labels",
-    "groups",
-    "num_clients",
-    "rng",
-    "max_tries",
+    "models": {"input_shape", "num_classes", "size"},
+    "datasets": {"root", "seed"},
+    "partitioners": {"labels", "groups", "num_clients", "rng", "max_tries"},
+    "client selectors": {"clients_per_round", "fraction", "num_clients"},
 }
 
 
@@ -173,7 +167,7 @@ def _function_entry(kind: str, name: str, fn: Any, where: str) -> Entry:
         options = [
             Option(p.name, _param_type(p), _value(p.default), meanings.get(p.name, ""))
             for p in params
-            if p.kind == p.KEYWORD_ONLY and p.name not in _INTERNAL
+            if p.kind == p.KEYWORD_ONLY and p.name not in _INTERNAL.get(kind, ())
         ]
     body = plain(without_sections(doc))
     return Entry(kind, name, first_sentence(doc), body, where, tuple(options))

@@ -51,6 +51,20 @@ def test_describe_works_for_every_listed_name_and_every_option_has_a_meaning(cap
     assert "fedhet describe: unknown name 'nonesuch'; allowed: " in capsys.readouterr().err
 
 
+def test_every_user_option_is_listed():
+    entries = catalog()
+    assert [o.name for o in entries["datasets"]["imagefolder"].options] == [
+        "path",
+        "size",
+        "channels",
+        "test_fraction",
+        "augment",
+    ]
+    assert [o.name for o in entries["partitioners"]["dirichlet"].options] == ["alpha", "min_size"]
+    assert [o.name for o in entries["server optimizers"]["fedadam"].options] == ["lr", "b1", "b2", "tau"]
+    assert "hidden" in [o.name for o in entries["models"]["cnn"].options]
+
+
 def test_the_guides_config_table_has_every_key():
     text = GUIDE.read_text()
     rows = set(re.findall(r"^\| (\(top level\)|`[\w.]+`) \| `(\w+)` \|", text, re.M))
