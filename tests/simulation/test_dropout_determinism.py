@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from executor_cases import assert_same_tensors, finish, make_run, one_thread  # noqa: F401  (an autouse fixture)
 from torch import nn
 
-from executor_cases import assert_same_tensors, finish, make_run, one_thread  # noqa: F401  (an autouse fixture)
 from fedhet.core.messages import ModelSize
 from fedhet.core.registry import MODELS
 
