@@ -330,7 +330,8 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def normalize(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
     c = x.shape[1]
-    out = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    out = torch.empty(x.shape, dtype=torch.float32)
+    out.copy_(torch.from_numpy(np.asarray(x)))
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, c, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, c, 1, 1)
     return out.mul_(scale).add_(shift)
