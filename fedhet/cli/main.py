@@ -147,7 +147,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedhet.experiment.report import print_table, report_from_dirs
 
     out = Path(args.out)
-    rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title)
+    targets = None
+    if args.targets:
+        try:
+            targets = sorted(float(t) for t in args.targets.split(","))
+        except ValueError:
+            raise ConfigError(f"--targets: got {args.targets!r}, allowed: comma-separated scores such as 0.5,0.6") from None
+        if any(not 0 < t <= 1 for t in targets):
+            raise ConfigError(f"--targets: got {args.targets!r}, allowed: scores with 0 < score <= 1")
+    rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title, targets)
     print_table(args.title, rows)
     print(f"report: {out / 'report.md'}")
     return 0
@@ -380,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", help="run folders (each with a metrics.jsonl)")
     rep.add_argument("--out", required=True, help="folder for report.md and the plots")
     rep.add_argument("--title", default="fedhet report", help="the report's title (default: fedhet report)")
+    rep.add_argument(
+        "--targets",
+        help="comma-separated scores (e.g. 0.5,0.6) for the time-to-accuracy table (default: 50%%, 75%% and 100%% of the median best score)",
+    )
     rep.set_defaults(func=cmd_report)
     sm = sub.add_parser(
         "summarize",

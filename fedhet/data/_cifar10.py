@@ -32,7 +32,6 @@ import tarfile
 import tempfile
 import time
 import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedhet.data.fetch import download_checked
 
 log = logging.getLogger(__name__)
 
@@ -165,23 +166,9 @@ def not_found_message(root: Path, download_note: str) -> str:
 
 def download(dest_dir: Path, *, timeout: float = 60.0) -> Path:
     """Fetch the official tarball into ``dest_dir``, check its md5 and rename it into place."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / TARBALL
     log.info("downloading CIFAR-10 from %s to %s", URL, dest)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{TARBALL}.", suffix=".part")
-    md5 = hashlib.md5()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(URL, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
-                md5.update(chunk)
-                out.write(chunk)
-        if md5.hexdigest() != MD5:
-            raise OSError(f"downloaded {URL} has md5 {md5.hexdigest()}, expected {MD5}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return download_checked(URL, dest, MD5, algorithm="md5", timeout=timeout)
 
 
 def locate(root: str | os.PathLike[str] | None = None, *, allow_download: bool = True) -> Source:

@@ -12,6 +12,13 @@ are configurations of the same code:
   part exactly as often as under any other policy; ``before_selection`` draws among the strong
   clients only (each then takes part more often);
 - ``auto``: ``tiered`` for algorithms with sub-models (or personal models), else ``all_large``.
+
+With device profiles (``devices.profiles``), ``auto`` fits each client to its device: it trains the
+largest size among the tiers that its memory holds and, with a deadline, that it can train in time
+(:mod:`fedhet.devices.capacity`); its tier is that size's. Under every policy a client whose device
+cannot hold the size the policy gives it (under ``auto``: not even the smallest) is excluded from
+the run: never selected. ``drop_weak`` draws from the same clients as ``auto`` and leaves out those
+whose capacity is below the largest size.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 
 from fedhet.core.messages import ClientInfo, ModelSize
 from fedhet.devices.availability import Availability
+from fedhet.devices.profiles import DeviceProfile
 from fedhet.devices.tiers import Tier, assign_tiers, largest, smallest
 
 #: Device policies and what each does, in one sentence (``fedhet list``).
@@ -62,6 +70,14 @@ class Fleet:
     reported_tiers: tuple[str | None, ...] = ()
     #: with ``drop_weak``: leave weak clients out ``after_selection`` (like-for-like) or ``before_selection``
     drop_weak: str = "after_selection"
+    #: each client's device (empty: no profiles; tiers are labels)
+    profiles: tuple[DeviceProfile, ...] = ()
+    #: per client, the tier of the largest size its device trains within memory and deadline
+    #: (``None``: not even the smallest), and within memory alone (:func:`fedhet.devices.capacity.fit_capacity`)
+    capacity: tuple[str | None, ...] = ()
+    memory_fit: tuple[str | None, ...] = ()
+    #: tiers come from ``capacity`` (policy ``auto`` with profiles), not from ``assignment``
+    fitted: bool = False
 
     def __post_init__(self) -> None:
         if self.drop_weak not in DROP_WEAK:
@@ -93,16 +109,39 @@ class Fleet:
         by_name = {t.name: t for t in self.tiers}
         for cid, t in enumerate(tier_idx):
             reported = self.reported_tiers[cid] if cid < len(self.reported_tiers) else None
+            if self.fitted:
+                reported = self.capacity[cid] or smallest(self.tiers).name
             tier = by_name[reported] if reported is not None else self.tiers[t]
             size = tier.size if self.policy == "tiered" else self.global_size
             out.append(ClientInfo(cid, self.num_train[cid], self.num_test[cid], tier.name, size, self.label_counts[cid]))
         return out
 
+    def _holds(self, cid: int, tier: str) -> bool:
+        """Whether client ``cid``'s memory holds the size of ``tier`` (no profiles: always)."""
+        if not self.profiles:
+            return True
+        fit = self.memory_fit[cid]
+        by_name = {t.name: t for t in self.tiers}
+        return fit is not None and by_name[fit].size.scale() >= by_name[tier].size.scale()
+
+    def excluded(self, info: ClientInfo) -> bool:
+        """Whether the client's device cannot train the size the policy gives it (it is never selected)."""
+        if not self.profiles:
+            return False
+        if self.fitted or self.policy == "drop_weak":
+            # drop_weak draws from the clients auto would train and leaves the weak ones out (like-for-like)
+            return self.capacity[info.id] is None
+        if self.policy == "tiered":
+            return not self._holds(info.id, info.tier)
+        if self.policy == "all_small":
+            return not self._holds(info.id, smallest(self.tiers).name)
+        return not self._holds(info.id, largest(self.tiers).name)
+
     def eligible(self, infos: Sequence[ClientInfo], rnd: int | None = None) -> list[ClientInfo]:
         """Clients that may be selected for training in round ``rnd``: online ones (see
-        ``Availability.unavailable``); with ``drop_weak`` drawn ``before_selection``, only those of the
-        largest tier."""
-        out = list(infos)
+        ``Availability.unavailable``) whose device holds their size; with ``drop_weak`` drawn
+        ``before_selection``, only those of the largest tier."""
+        out = [c for c in infos if not self.excluded(c)]
         if rnd is not None:
             out = [c for c in out if not self.availability.offline(c.id, rnd, self.seed)]
         if self.policy != "drop_weak" or self.drop_weak != "before_selection":
@@ -110,8 +149,13 @@ class Fleet:
         return [c for c in out if not self.weak(c)]
 
     def weak(self, info: ClientInfo) -> bool:
-        """Whether ``drop_weak`` leaves this client out of training (a tier below the largest)."""
-        return self.policy == "drop_weak" and info.tier != largest(self.tiers).name
+        """Whether ``drop_weak`` leaves this client out of training (a tier below the largest; with
+        profiles, a device that cannot train the largest size within memory and deadline)."""
+        if self.policy != "drop_weak":
+            return False
+        if self.profiles:
+            return self.capacity[info.id] != largest(self.tiers).name
+        return info.tier != largest(self.tiers).name
 
     def dropped(self, cid: int, rnd: int) -> bool:
         return self.availability.dropped(cid, rnd, self.seed)

@@ -10,7 +10,9 @@ One schema, :class:`DeviceProfile` (SI units: FLOP/s, bytes, bytes/s, seconds):
 - ``down`` / ``up``: mean download and upload bandwidth, bytes/s; ``down_sigma`` / ``up_sigma``: the
   standard deviation of a round's bandwidth around its mean (a normal draw keyed by
   ``(seed, round, client)``, never below a tenth of the mean);
-- ``latency``: fixed seconds a round costs on top (connection set-up, scheduling).
+- ``latency``: fixed seconds a round costs on top (connection set-up, scheduling);
+- ``online_hours`` / ``online_start``: the device is online ``online_hours`` hours a day (24: always)
+  from the hour ``online_start`` (unset: an hour drawn per client; see :mod:`fedhet.devices.schedule`).
 
 Three sources give every client a profile:
 
@@ -49,6 +51,12 @@ GB = 1e9
 FLASH_FOLDER = "device_profiles"
 FLASH_PHONES = "flash_ai_benchmark_list.json"
 FLASH_SPEEDS = "flash_speed_distri.json"
+#: Where each file comes from (FLASH at commit 55cbede, BSD 2-Clause) and its SHA-256.
+FLASH_ORIGIN = "https://raw.githubusercontent.com/PKU-Chengxu/FLASH/55cbede0131877b583ed55333e980985a1925afd/"
+FLASH_FILES = {
+    FLASH_PHONES: ("models/utils/device_util/raw_ai_benchmark_list.json", "267a0e7b69d25906055bfc0916037686457d32de55c8a9ece8f9e295ec7a09b2"),
+    FLASH_SPEEDS: ("models/speed_distri.json", "63f9e869b34ceb3fb845f755b48018f55941a1b002c02abb21255d9bf5bedea4"),
+}
 #: FLOP/s per point of AI-Benchmark's float32 score (the calibration, an assumption: a phone scoring
 #: 100, the population's median, trains at 10 GFLOP/s; the top score, 1,364, at 136 GFLOP/s).
 FLOPS_PER_SCORE = 1e8
@@ -71,6 +79,10 @@ class DeviceProfile:
     latency: float = 0.0
     down_sigma: float = 0.0
     up_sigma: float = 0.0
+    #: hours a day the device is online (24: always), from the hour ``online_start`` of the day
+    online_hours: float = 24.0
+    #: the hour of the day (0 <= h < 24) its online window opens (``None``: drawn per client)
+    online_start: float | None = None
     #: the device model or type, for the logs
     name: str = ""
 
@@ -79,18 +91,25 @@ class DeviceProfile:
             _number(f, getattr(self, f), positive=True, where=self.name)
         for f in ("latency", "down_sigma", "up_sigma"):
             _number(f, getattr(self, f), positive=False, where=self.name)
+        if _number("online_hours", self.online_hours, positive=True, where=self.name) > 24:
+            raise ValueError(f"devices.profiles{_at(self.name)}: online_hours got {self.online_hours!r}, allowed: 0 < hours <= 24")
+        if self.online_start is not None and not 0 <= _number("online_start", self.online_start, positive=False, where=self.name) < 24:
+            raise ValueError(f"devices.profiles{_at(self.name)}: online_start got {self.online_start!r}, allowed: an hour 0 <= h < 24, or unset")
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _at(where: str) -> str:
+    return f" ({where})" if where else ""
 
 
 def _number(field: str, value: Any, *, positive: bool, where: str = "") -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > 0 if positive else value >= 0)
     if not ok:
-        at = f" ({where})" if where else ""
         allowed = "a number > 0" if positive else "a number >= 0"
-        raise ValueError(f"devices.profiles{at}: {field} got {value!r}, allowed: {allowed}")
+        raise ValueError(f"devices.profiles{_at(where)}: {field} got {value!r}, allowed: {allowed}")
     return float(value)
 
 
@@ -121,17 +140,32 @@ def _first_number(text: Any) -> float | None:
         return None
 
 
-def read_flash(root: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+def read_flash(
+    root: str | os.PathLike[str], *, allow_download: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     """FLASH's phones (``model``, ``score``: AI-Benchmark float32 score, ``ram``: bytes) with both
     figures readable, and its bandwidth distributions (``down_u``, ``down_sigma``, ``up_u``,
-    ``up_sigma`` in KB/s), from ``root/device_profiles/``. FileNotFoundError names the file."""
+    ``up_sigma`` in KB/s), from ``root/device_profiles/``. A missing file is downloaded from FLASH's
+    repository (:data:`FLASH_FILES`, checked against its SHA-256) when ``allow_download``;
+    FileNotFoundError names the file when that is off or fails."""
+    from fedhet.data.fetch import download_checked
+
     folder = Path(root).expanduser() / FLASH_FOLDER
     out = []
     for name in (FLASH_PHONES, FLASH_SPEEDS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"devices.profiles: {folder / name} not found (FLASH's device measurements; see the data README)"
-            )
+        if (folder / name).is_file():
+            continue
+        path, digest = FLASH_FILES[name]
+        why = "downloading is off"
+        if allow_download:
+            try:
+                download_checked(FLASH_ORIGIN + path, folder / name, digest, timeout=30.0)
+                continue
+            except OSError as err:  # offline, refused, or a wrong checksum
+                why = f"downloading {FLASH_ORIGIN + path} failed: {err}"
+        raise FileNotFoundError(
+            f"devices.profiles: {folder / name} not found (FLASH's device measurements, see the data README) and {why}"
+        )
     phones = []
     for entry in json.loads((folder / FLASH_PHONES).read_text()):
         score = _first_number(entry.get("FP32_Score"))
@@ -241,8 +275,8 @@ def read_profiles(path: str | os.PathLike[str], num_clients: int, seed: int) -> 
                 raise ValueError(f"devices.profiles: {p} row {i}: {f} got {raw!r}, allowed: a number") from None
         try:
             profiles.append(DeviceProfile(**values))
-        except ValueError as err:
-            raise ValueError(f"{err} in {p} row {i}") from None
+        except ValueError as err:  # "devices.profiles (NAME): FIELD got ..." names the file's row instead
+            raise ValueError(f"devices.profiles: {p} row {i}: {str(err).split(': ', 1)[-1]}") from None
     has_client = ["client" in r and r["client"] not in (None, "") for r in rows]
     if all(has_client):
         ids = [int(float(r["client"])) for r in rows]

@@ -2,8 +2,10 @@
 
 Tiers are written either in HeteroFL's notation (Diao et al., ICLR 2021), e.g. ``"a2-b8"``: letters
 ``a..e`` are widths ``1, 1/2, 1/4, 1/8, 1/16`` and the numbers are relative proportions; or as a
-list of dicts ``{"name", "width", "depth", "density", "proportion"}``. Proportions are normalized
-to sum to 1.
+list of dicts ``{"name", "width", "depth", "density", "proportion", "device"}``. Proportions are
+normalized to sum to 1. ``device`` names the tier's typical device (a preset of
+:data:`fedhet.devices.profiles.PRESETS`, or a mapping of profile fields) for ``devices.profiles``
+with source ``tiers``.
 
 Assignment follows HeteroFL's ``model_split_mode``: ``fixed`` gives each tier a block of consecutive
 client indices; ``dynamic`` redraws every client's tier each round from the proportions.
@@ -31,7 +33,7 @@ LETTER_WIDTHS: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e
 ASSIGNMENT_MODES = ("fixed", "dynamic")
 
 _ALLOWED_LETTERS = "allowed letters a-e (a=1, b=0.5, c=0.25, d=0.125, e=0.0625)"
-_TIER_KEYS = ("name", "width", "depth", "density", "proportion")
+_TIER_KEYS = ("name", "width", "depth", "density", "proportion", "device")
 _TOKEN = re.compile(r"^([A-Za-z])(\d+(?:\.\d*)?|\.\d+)?$")
 
 
@@ -42,11 +44,14 @@ class Tier:
     name: str
     size: ModelSize
     proportion: float
+    #: the tier's device: a preset name or a mapping of profile fields (``None``: not given)
+    device: Any = None
 
 
-def _normalized(names: list[str], sizes: list[ModelSize], weights: list[float]) -> list[Tier]:
+def _normalized(names: list[str], sizes: list[ModelSize], weights: list[float], devices: Sequence[Any] = ()) -> list[Tier]:
     total = math.fsum(weights)
-    return [Tier(n, s, w / total) for n, s, w in zip(names, sizes, weights)]
+    devices = list(devices) or [None] * len(names)
+    return [Tier(n, s, w / total, d) for n, s, w, d in zip(names, sizes, weights, devices)]
 
 
 def _check_proportion(where: str, value: Any) -> float:
@@ -82,10 +87,10 @@ def _parse_string(spec: str) -> list[Tier]:
     return _normalized(names, [ModelSize(width=LETTER_WIDTHS[n]) for n in names], weights)
 
 
-def _parse_entry(i: int, entry: Any) -> tuple[str, ModelSize, float]:
+def _parse_entry(i: int, entry: Any) -> tuple[str, ModelSize, float, Any]:
     where = f"{FIELD}[{i}]"
     if isinstance(entry, Tier):
-        return entry.name, entry.size, _check_proportion(f"{where}.proportion", entry.proportion)
+        return entry.name, entry.size, _check_proportion(f"{where}.proportion", entry.proportion), entry.device
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: got {entry!r}; each tier must be a mapping with keys {', '.join(_TIER_KEYS)}")
     unknown = sorted(set(entry) - set(_TIER_KEYS))
@@ -103,7 +108,10 @@ def _parse_entry(i: int, entry: Any) -> tuple[str, ModelSize, float]:
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise ValueError(f"{where}.depth: got {depth!r}; allowed: an integer >= 1 or null (all blocks)")
     proportion = _check_proportion(f"{where}.proportion", entry.get("proportion", 1.0))
-    return name, ModelSize(width=float(width), depth=depth, density=float(density)), proportion
+    device = entry.get("device")
+    if device is not None and not (isinstance(device, str) and device) and not isinstance(device, Mapping):
+        raise ValueError(f"{where}.device: got {device!r}; allowed: a device preset name or a mapping of profile fields")
+    return name, ModelSize(width=float(width), depth=depth, density=float(density)), proportion, device
 
 
 def parse_tiers(spec: str | Sequence[Mapping[str, Any] | Tier]) -> list[Tier]:
@@ -127,7 +135,7 @@ def parse_tiers(spec: str | Sequence[Mapping[str, Any] | Tier]) -> list[Tier]:
     for i, n in enumerate(names):
         if n in names[:i]:
             raise ValueError(f"{FIELD}[{i}].name: {n!r} is used twice; tier names must be unique")
-    return _normalized(names, [p[1] for p in parsed], [p[2] for p in parsed])
+    return _normalized(names, [p[1] for p in parsed], [p[2] for p in parsed], [p[3] for p in parsed])
 
 
 def _fixed_counts(num_clients: int, proportions: Sequence[float]) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Callable
@@ -83,13 +84,36 @@ def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
                 f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset"
             )
     options = {k: getattr(sel, k) for k in uses if getattr(sel, k) is not None}
+    per_round, fraction = sel.clients_per_round, sel.fraction
+    target = round_target(cfg, num_clients)
+    if target is not None:  # over-commitment: select more than the round aggregates
+        per_round, fraction = min(num_clients, math.ceil(target * sel.overcommit - 1e-9)), None
     try:
         return factory(
-            clients_per_round=sel.clients_per_round, fraction=sel.fraction, num_clients=num_clients,
+            clients_per_round=per_round, fraction=fraction, num_clients=num_clients,
             **options, **sel.options,
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise _error(err) from None
+
+
+def round_target(cfg: ExperimentConfig, num_clients: int) -> int | None:
+    """With ``selection.overcommit`` > 1: the clients a round aggregates (``clients_per_round``, or
+    ``fraction`` of the clients rounded up); ``None`` without over-commitment."""
+    sel = cfg.selection
+    if sel.overcommit == 1.0:
+        return None
+    if cfg.devices.profiles is None:
+        raise ConfigError(
+            f"selection.overcommit: got {sel.overcommit!r}, but without devices.profiles there is no clock to tell "
+            "who finishes first; allowed: 1.0, or set devices.profiles"
+        )
+    if sel.clients_per_round is None and sel.fraction is None:
+        raise ConfigError(
+            f"selection.overcommit: got {sel.overcommit!r}, but every client is selected already; allowed: with "
+            "selection.clients_per_round or selection.fraction"
+        )
+    return sel.clients_per_round or max(1, math.ceil(sel.fraction * num_clients - 1e-9))  # type: ignore[operator]
 
 
 def build_fleet_parts(cfg: ExperimentConfig) -> tuple[list[Any], str]:
@@ -103,6 +127,148 @@ def build_fleet_parts(cfg: ExperimentConfig) -> tuple[list[Any], str]:
     except ValueError as err:
         raise _error(err) from None
     return tiers, policy
+
+
+def build_profiles(cfg: ExperimentConfig, tiers: list[Any], num_clients: int) -> list[Any]:
+    """Each client's device profile from ``devices.profiles`` (see :mod:`fedhet.devices.profiles`)."""
+    from fedhet.data._cifar10 import data_root
+    from fedhet.devices.profiles import COLUMNS, DeviceProfile, flash_population, preset, read_profiles
+    from fedhet.devices.tiers import assign_tiers
+
+    p = cfg.devices.profiles
+    assert p is not None
+    try:
+        if p.source == "flash":
+            return flash_population(
+                num_clients, cfg.seed, data_root(cfg.data.root),
+                flops_per_score=p.flops_per_score, memory_fraction=p.memory_fraction, latency=p.latency,
+            )  # fmt: skip
+        if p.source == "file":
+            return read_profiles(p.path, num_clients, cfg.seed)  # type: ignore[arg-type]
+        devices = []
+        for i, tier in enumerate(tiers):
+            where = f"devices.tiers[{i}].device"
+            if tier.device is None:
+                raise ValueError(
+                    f"{where}: missing (tier {tier.name!r}), allowed: a preset ({', '.join(_presets())}) or a mapping of "
+                    "profile fields; required by devices.profiles.source 'tiers'"
+                )
+            if isinstance(tier.device, str):
+                try:
+                    devices.append(preset(tier.device))
+                except ValueError:
+                    raise ValueError(f"{where}: unknown device {tier.device!r}; allowed: {', '.join(_presets())}") from None
+                continue
+            unknown = sorted(set(tier.device) - set(COLUMNS))
+            if unknown:
+                raise ValueError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(COLUMNS)}")
+            missing = [f for f in ("flops", "memory", "down", "up") if f not in tier.device]
+            if missing:
+                raise ValueError(f"{where}: missing {missing[0]} (tier {tier.name!r}); allowed: a number > 0")
+            # YAML 1.1 reads 1.0e9 (no sign after e) as a string; a number is meant
+            values = {k: _yaml_number(v) for k, v in tier.device.items()}
+            try:
+                devices.append(DeviceProfile(**{"name": tier.name, **values}))
+            except ValueError as err:  # "devices.profiles (NAME): FIELD got ..." names the tier's entry instead
+                raise ValueError(f"{where}: {str(err).split(': ', 1)[-1]}") from None
+        return [devices[t] for t in assign_tiers(num_clients, tiers, mode="fixed", seed=cfg.seed, rnd=1)]
+    except (ValueError, FileNotFoundError) as err:
+        raise _error(err) from None
+
+
+def _yaml_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _presets() -> list[str]:
+    from fedhet.devices.profiles import PRESETS
+
+    return list(PRESETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The devices of a run with profiles: the fleet's fields, the clock, and what ``devices.json`` records."""
+
+    profiles: tuple[Any, ...]
+    capacity: tuple[str | None, ...]
+    memory_fit: tuple[str | None, ...]
+    fitted: bool
+    clock: Any
+    record: dict[str, Any]
+
+
+def build_devices(
+    cfg: ExperimentConfig, tiers: list[Any], policy: str, world: ClientWorld, num_train: tuple[int, ...], local: LocalTraining, target: int | None
+) -> Devices:
+    """Profiles, each client's capacity (:mod:`fedhet.devices.capacity`), the availability schedule
+    and the clock of a run with ``devices.profiles``; a deadline no client can meet is refused."""
+    from fedhet.devices.capacity import expected_examples, expected_seconds, fastest_round, fit_capacity, size_needs
+    from fedhet.devices.clock import Clock
+    from fedhet.devices.schedule import daily_schedule, read_trace
+
+    dev = cfg.devices
+    n = len(num_train)
+    profiles = build_profiles(cfg, tiers, n)
+    # the distinct sizes, largest first, each named by its first tier
+    order = sorted(range(len(tiers)), key=lambda i: (-tiers[i].size.scale(), i))
+    named: dict[Any, str] = {}
+    for i in order:
+        named.setdefault(tiers[i].size, tiers[i].name)
+    sizes = list(named)
+    sample = world.dataset.test.x[:1]
+    try:
+        needs = size_needs(world.build_model, sizes, world.dataset.input_shape, sample.dtype, local)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"devices.profiles: measuring the training memory of the tiers' sizes failed: {err}") from None
+    fits, memory = fit_capacity(profiles, needs, num_train, local, dev.deadline)
+    if dev.deadline is not None:
+        best = fastest_round(profiles, needs, num_train, local)
+        if best > dev.deadline:
+            raise ConfigError(
+                f"devices.deadline: got {dev.deadline:g} s, but no client can finish a round in time "
+                f"(the fastest expected round is {best:.4g} s); allowed: a deadline >= {best:.4g}"
+            )
+    capacity = tuple(None if f is None else named[sizes[f]] for f in fits)
+    memory_fit = tuple(None if f is None else named[sizes[f]] for f in memory)
+    schedule = None
+    av = dev.availability
+    if av is not None and av.trace:
+        try:
+            schedule = read_trace(av.trace, n, av.period)
+        except (ValueError, FileNotFoundError) as err:
+            raise _error(err) from None
+    elif av is not None or any(pr.online_hours < 24 for pr in profiles):
+        hours = [av.daily_hours if av is not None and av.daily_hours is not None else pr.online_hours for pr in profiles]
+        schedule = daily_schedule(hours, [pr.online_start for pr in profiles], cfg.seed)
+    clock = Clock(tuple(profiles), cfg.seed, deadline=dev.deadline, target=target, schedule=schedule)
+    fitted = dev.policy == "auto" and policy == "tiered"
+    record = {
+        "source": dev.profiles.source if dev.profiles else None,
+        "deadline": dev.deadline,
+        "sizes": [
+            {"tier": named[s], **s.as_config(), "train_memory_bytes": nd.memory, "train_flops_per_example": nd.flops_per_example, "bytes": nd.bytes}
+            for s, nd in zip(sizes, needs)
+        ],
+        "clients": [
+            {
+                "client": cid,
+                **pr.as_json(),
+                "capacity": capacity[cid],
+                "memory_fit": memory_fit[cid],
+                "expected_seconds": {
+                    named[s]: expected_seconds(pr, nd, expected_examples(num_train[cid], local)) for s, nd in zip(sizes, needs)
+                },
+            }
+            for cid, pr in enumerate(profiles)
+        ],
+    }
+    return Devices(tuple(profiles), capacity, memory_fit, fitted, clock, record)
 
 
 def resolve_device(name: str) -> str:
@@ -257,12 +423,19 @@ def build_run(
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     world = build_world(cfg, fed, device=_driver_device(cfg))
+    if cfg.selection.overcommit != 1.0 and algorithm.decentralized:
+        raise ConfigError(
+            f"selection.overcommit: got {cfg.selection.overcommit!r}, but {cfg.algorithm.name} is decentralized (every client trains every round); allowed: 1.0"
+        )
     if clients is None:
         clients = ClientReports(
             num_train=tuple(len(d) for d in fed.clients_train),
             num_test=tuple(len(d) for d in fed.clients_test),
             label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
         )
+    devices = None
+    if cfg.devices.profiles is not None:
+        devices = build_devices(cfg, tiers, policy, world, clients.num_train, algorithm.local, round_target(cfg, fed.num_clients))
     try:
         fleet = Fleet(
             tiers=tuple(tiers),
@@ -275,6 +448,11 @@ def build_run(
             availability=Availability(cfg.devices.dropout, cfg.devices.unavailable),
             reported_tiers=clients.tiers,
             drop_weak=cfg.devices.drop_weak,
+            **(
+                {"profiles": devices.profiles, "capacity": devices.capacity, "memory_fit": devices.memory_fit, "fitted": devices.fitted}
+                if devices is not None
+                else {}
+            ),
         )
     except ValueError as err:
         raise _error(err) from None
@@ -295,4 +473,6 @@ def build_run(
         checkpoint_every=cfg.runtime.checkpoint_every,
         progress=cfg.logging.progress,
         name=cfg.name,
+        clock=devices.clock if devices is not None else None,
+        devices_record=devices.record if devices is not None else None,
     )

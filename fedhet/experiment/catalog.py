@@ -261,8 +261,9 @@ def _config_entries() -> list[Entry]:
         out.append(Entry("config sections", key, first_sentence(doc), plain(inspect.cleandoc(doc)), f"{key}: in a run config",
                          tuple(_config_option(model, k) for k in model.model_fields)))  # fmt: skip
         for k, f in model.model_fields.items():
-            if isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields"):
-                section(f"{key}.{k}", f.annotation)
+            sub = _section_type(f.annotation)
+            if sub is not None:
+                section(f"{key}.{k}", sub)
 
     for key, f in ExperimentConfig.model_fields.items():
         if isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields"):
@@ -323,6 +324,14 @@ def format_entry(entry: Entry) -> str:
         for o in entry.options:
             lines.append(f"  {o.name:<{width}}  {o.type}, default {o.default!r}: {o.meaning}")
     return "\n".join(lines)
+
+
+def _section_type(annotation: Any) -> Any:
+    """The config section class of a field's annotation (``Section`` or ``Section | None``), else None."""
+    for t in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(t, type) and hasattr(t, "model_fields"):
+            return t
+    return None
 
 
 def config_reference() -> str:

@@ -8,6 +8,7 @@ and validation agree by construction.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,11 +108,62 @@ class ModelConfig(_Section):
         return _known(v, MODELS)
 
 
+class ProfilesConfig(_Section):
+    """Where each client's device profile (FLOP/s, memory, bandwidth, latency, online hours) comes from."""
+
+    source: Literal["tiers", "flash", "file"] = Field(
+        "tiers",
+        description="tiers: each tier's device (a preset name or a profile mapping); flash: drawn from FLASH's measured phones and bandwidths in the data root; file: a CSV/JSON file, one row per client or per device type",
+    )
+    path: str | None = Field(None, description="source file: the CSV or JSON file of profiles")
+    flops_per_score: float = Field(
+        1e8, gt=0, description="source flash: FLOP/s per point of AI-Benchmark's float32 score (the calibration)"
+    )
+    memory_fraction: float = Field(
+        0.25, gt=0, le=1, description="source flash: the share of a phone's RAM training may use"
+    )
+    latency: float = Field(0.1, ge=0, description="source flash: fixed seconds a round costs each phone")
+
+    @model_validator(mode="after")
+    def _path(self) -> ProfilesConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("devices.profiles.path: missing, allowed: a .csv or .json file (required by source 'file')")
+        if self.source != "file" and self.path:
+            raise ValueError(f"devices.profiles.path: got {self.path!r}, but source {self.source!r} reads no file; allowed: source file")
+        return self
+
+
+class AvailabilityConfig(_Section):
+    """When clients are online, in simulated time (needs device profiles)."""
+
+    daily_hours: float | None = Field(
+        None,
+        gt=0,
+        le=24,
+        description="every client online this many hours a day from its profile's online_start (unset there: an hour drawn per client); unset: the profiles' online_hours",
+    )
+    trace: str | None = Field(
+        None, description="a CSV/JSON file of rows client, start, end (seconds): each client's online intervals"
+    )
+    period: float | None = Field(
+        None, gt=0, description="the trace repeats every this many seconds (unset: it runs once)"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> AvailabilityConfig:
+        if self.trace and self.daily_hours is not None:
+            raise ValueError("devices.availability: give daily_hours or trace, not both")
+        if self.period is not None and not self.trace:
+            raise ValueError(f"devices.availability.period: got {self.period!r}, but no trace is given; allowed: with trace")
+        return self
+
+
 class DevicesConfig(_Section):
-    """The devices: tiers of model sizes, how clients get a tier, the baseline policies, dropouts and availability."""
+    """The devices: tiers of model sizes, how clients get a tier, the baseline policies, dropouts and
+    availability; with profiles, each device's speed, memory and bandwidth on a simulated clock."""
 
     tiers: str | list[dict[str, Any]] = Field(
-        "a1", description='HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion}'
+        "a1", description='HeteroFL notation ("a2-b8") or a list of {name, width, depth, density, proportion, device}'
     )
     assignment: Literal["fixed", "dynamic"] = Field(
         "fixed", description="fixed: a client keeps its tier; dynamic: tiers are redrawn every round (HeteroFL)"
@@ -129,6 +181,29 @@ class DevicesConfig(_Section):
     unavailable: float = Field(
         0.0, ge=0, lt=1, description="probability that a client is offline (cannot be selected) in a round"
     )
+    profiles: ProfilesConfig | None = Field(
+        None,
+        description="each client's device profile (source tiers, flash or file); unset: tiers are labels and there is no simulated clock",
+    )
+    deadline: float | None = Field(
+        None,
+        gt=0,
+        description="simulated seconds a round waits: later clients are stragglers (trained, not aggregated); with policy auto, a size must fit it (needs profiles)",
+    )
+    availability: AvailabilityConfig | None = Field(
+        None, description="when clients are online in simulated time: daily_hours or a trace (needs profiles)"
+    )
+
+    @model_validator(mode="after")
+    def _clock(self) -> DevicesConfig:
+        for name in ("deadline", "availability"):
+            if getattr(self, name) is not None and self.profiles is None:
+                raise ValueError(f"devices.{name}: given, but there is no simulated clock without device profiles; allowed: with devices.profiles")
+        if self.profiles is not None and self.assignment == "dynamic":
+            raise ValueError(
+                "devices.assignment: got 'dynamic', but with devices.profiles a client's device decides its tier; allowed: fixed"
+            )
+        return self
 
 
 class LocalConfig(_Section):
@@ -205,6 +280,11 @@ class SelectionConfig(_Section):
     batch: int | None = Field(None, ge=1, description="cpow-d: the examples a candidate scores its loss on")
     refresh_every: int | None = Field(
         None, ge=0, description="DivFL: re-probe every client's gradient every this many rounds (0: first round only)"
+    )
+    overcommit: float = Field(
+        1.0,
+        ge=1,
+        description="select this many times the clients a round needs and aggregate the first to finish (FedScale's 1.3; needs devices.profiles)",
     )
 
     options: dict[str, Any] = Field(
@@ -386,6 +466,8 @@ def _format(err: ValidationError, data: dict[str, Any]) -> str:
         return f"{loc}: unknown key; allowed: {allowed}"
     value = e.get("input")
     msg = msg.removeprefix("Value error, ")
+    if re.match(r"^[a-z_]+(\.[a-z_]+)+[:( ]", msg):  # a check across fields that names its own field
+        return msg
     if msg.startswith("got "):
         return f"{loc}: {msg}"
     return f"{loc}: got {value!r}, allowed: {msg[0].lower() + msg[1:]}"

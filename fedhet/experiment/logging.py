@@ -26,6 +26,8 @@ def _clean(value: Any) -> Any:
 
 
 DATASET = "dataset.json"
+#: each client's device profile and capacity, and each size's needs (runs with device profiles)
+DEVICES = "devices.json"
 
 
 def write_run_header(run_dir: Path, config_yaml: str, data: Any) -> None:

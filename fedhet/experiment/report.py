@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,113 @@ def plot_curves(run_dirs: dict[str, Path], path: Path, title: str, clients: bool
     return _save(fig, ax, path, title, "round", metric)
 
 
+def progress_points(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each evaluation of a run with where it stands: ``round``, cumulative simulated seconds
+    (``sim_time``; absent without a clock), cumulative bytes communicated (down and up, probes
+    included) and the headline ``score``."""
+    from fedhet.experiment.compare import headline_metric
+
+    out = []
+    sent = 0.0
+    for r in rows:
+        sent += (r.get("bytes_down") or 0) + (r.get("bytes_up") or 0)
+        _, score = headline_metric(r)
+        if score is None:
+            continue
+        point = {"round": float(r["round"]), "bytes": sent, "score": float(score)}
+        if r.get("sim_time") is not None:
+            point["sim_time"] = float(r["sim_time"])
+        out.append(point)
+    return out
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds >= 2 * 86_400:
+        return 86_400.0, "days"
+    if seconds >= 2 * 3_600:
+        return 3_600.0, "hours"
+    if seconds >= 120:
+        return 60.0, "minutes"
+    return 1.0, "seconds"
+
+
+def _byte_unit(nbytes: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if nbytes >= 2 * scale:
+            return scale, unit
+    return 1.0, "bytes"
+
+
+def plot_progress(run_dirs: dict[str, Path], path: Path, title: str, x: str) -> Path | None:
+    """The headline metric against cumulative simulated time (``x="sim_time"``) or bytes
+    communicated (``x="bytes"``), one line per variant (None when no run has such points)."""
+    points = {name: [p for p in progress_points(read_jsonl(Path(d) / METRICS)) if x in p] for name, d in run_dirs.items()}
+    top = max((p[x] for pts in points.values() for p in pts), default=0.0)
+    if top <= 0:
+        return None
+    scale, unit = _time_unit(top) if x == "sim_time" else _byte_unit(top)
+    fig, ax = _axes()
+    for i, (name, pts) in enumerate(points.items()):
+        if pts:
+            ax.plot([p[x] / scale for p in pts], [100 * p["score"] for p in pts], markersize=4,
+                    markevery=max(1, len(pts) // 12), label=name, **style(i))  # fmt: skip
+    xlabel = f"simulated time ({unit})" if x == "sim_time" else f"bytes communicated ({unit}, down + up)"
+    return _save(fig, ax, path, f"{title}: against {'simulated time' if x == 'sim_time' else 'bytes'}", xlabel, metric_label_of(run_dirs))
+
+
+def metric_label_of(run_dirs: dict[str, Path]) -> str:
+    metrics = {r["metric"] for d in run_dirs.values() for r in read_jsonl(Path(d) / METRICS) if r.get("metric")}
+    return metrics.pop() if len(metrics) == 1 else "score"
+
+
+def default_targets(run_dirs: dict[str, Path]) -> list[float]:
+    """Three target scores for the time-to-accuracy table: 50%, 75% and 100% of the median over
+    variants of their best score, rounded down to a whole percent."""
+    bests = sorted(max((p["score"] for p in progress_points(read_jsonl(Path(d) / METRICS))), default=0.0) for d in run_dirs.values())
+    if not bests or bests[len(bests) // 2] <= 0:
+        return []
+    median = bests[len(bests) // 2]
+    return sorted({math.floor(100 * f * median) / 100 for f in (0.5, 0.75, 1.0)})
+
+
+def time_to_accuracy(run_dirs: dict[str, Path], targets: list[float]) -> list[dict[str, Any]]:
+    """For each variant and target: the first evaluation at or above the target, as the simulated
+    time, the bytes and the rounds it took (``None``: never reached)."""
+    out = []
+    for name, d in run_dirs.items():
+        pts = progress_points(read_jsonl(Path(d) / METRICS))
+        reached = {}
+        for t in targets:
+            hit = next((p for p in pts if p["score"] >= t - 1e-12), None)
+            reached[t] = None if hit is None else {k: hit.get(k) for k in ("sim_time", "bytes", "round")}
+        out.append({"variant": name, "reached": reached})
+    return out
+
+
+def markdown_time_to_accuracy(table: list[dict[str, Any]], targets: list[float], label: str) -> str:
+    """One row per variant; per target, simulated time, bytes and rounds to reach it (- : not reached)."""
+    times = [v["sim_time"] for row in table for v in row["reached"].values() if v and v.get("sim_time") is not None]
+    sent = [v["bytes"] for row in table for v in row["reached"].values() if v]
+    tscale, tunit = _time_unit(max(times)) if times else (1.0, "")
+    bscale, bunit = _byte_unit(max(sent)) if sent else (1.0, "bytes")
+    parts = ["time", "bytes", "rounds"] if times else ["bytes", "rounds"]
+    header = "| variant | " + " | ".join(f"{100 * t:g}% {label}: {p}" for t in targets for p in parts) + " |"
+    sep = "|---|" + "---:|" * (len(targets) * len(parts))
+    lines = [header, sep]
+    for row in table:
+        cells = []
+        for t in targets:
+            v = row["reached"][t]
+            if v is None:
+                cells += ["-"] * len(parts)
+                continue
+            if times:
+                cells.append("-" if v.get("sim_time") is None else f"{v['sim_time'] / tscale:.3g} {tunit}")
+            cells += [f"{v['bytes'] / bscale:.3g} {bunit}", f"{v['round']:.0f}"]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_widths(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Final global-test accuracy against model width, one line per variant (None when no variant
     was evaluated at more than one width)."""
@@ -362,7 +470,11 @@ def data_lines(run_dirs: dict[str, Path]) -> list[str]:
     return []
 
 
-def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> Path:
+def write_report(
+    out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path], targets: list[float] | None = None
+) -> Path:
+    """``report.md`` and its plots in ``out_dir``; ``targets``: the scores of the time-to-accuracy
+    table (default: :func:`default_targets`)."""
     plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
     wplot = plot_widths(rows, out_dir / "accuracy_per_width.png", title)
     text = [
@@ -406,6 +518,22 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
         f"![accuracy against round]({plot.name})",
         "",
     ]
+    targets = default_targets(run_dirs) if targets is None else targets
+    if targets:
+        label = metric_label_of(run_dirs)
+        table = time_to_accuracy(run_dirs, targets)
+        clocked = any(v and v.get("sim_time") is not None for row in table for v in row["reached"].values())
+        text += [
+            f"Time to {label}: the first evaluation at or above each target"
+            + (": simulated time, bytes communicated (down and up) and rounds." if clocked else ": bytes communicated (down and up) and rounds."),
+            "",
+            markdown_time_to_accuracy(table, targets, label),
+            "",
+        ]
+    for x, name, what in (("sim_time", "accuracy_time.png", "simulated time"), ("bytes", "accuracy_bytes.png", "bytes")):
+        made = plot_progress(run_dirs, out_dir / name, title, x)
+        if made is not None:
+            text += [f"![accuracy against {what}]({made.name})", ""]
     clients = {name: v for name, d in run_dirs.items() if (v := client_values(Path(d))) is not None}
     if clients:
         cplot = plot_client_distribution(clients, out_dir / "clients.png", title)
@@ -426,7 +554,9 @@ def write_report(out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs
     return path
 
 
-def report_from_dirs(run_dirs: list[Path], out_dir: Path, title: str = "fedhet report") -> list[dict[str, Any]]:
+def report_from_dirs(
+    run_dirs: list[Path], out_dir: Path, title: str = "fedhet report", targets: list[float] | None = None
+) -> list[dict[str, Any]]:
     """Summarise finished run directories (each with metrics.jsonl) into a table, plot and report."""
     from fedhet.experiment.compare import summarize
 
@@ -439,7 +569,7 @@ def report_from_dirs(run_dirs: list[Path], out_dir: Path, title: str = "fedhet r
         rows.append(summarize(Path(d).name, hist, sum(r.get("seconds") or 0 for r in hist)))
         dirs[Path(d).name] = Path(d)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, title, rows, dirs)
+    write_report(out_dir, title, rows, dirs, targets)
     return rows
 
 

@@ -9,6 +9,7 @@ draw is keyed by (seed, round, client id), so a resumed run gives the same bits 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -22,15 +23,18 @@ from typing import Any
 import torch
 
 from fedhet import __version__
+from fedhet.communication.quantize import encoded_nbytes
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ClientStatistics, ServerSetup, load_params, trainable_names
 from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Config, Params, config_key, params_nbytes
+from fedhet.devices.capacity import TRAIN_FLOPS_FACTOR, expected_examples
+from fedhet.devices.clock import Clock, Demand, RoundPlan
 from fedhet.devices.fleet import Fleet
 from fedhet.experiment.checkpoint import load_checkpoint, save_checkpoint
 from fedhet.experiment.clusters import adjusted_rand, cluster_purity, groups_as_mapping
 from fedhet.experiment.config import ConfigError
-from fedhet.experiment.logging import Progress, RunLog
+from fedhet.experiment.logging import DEVICES, Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
 from fedhet.simulation.executors import Executor
@@ -57,6 +61,10 @@ class Run:
     name: str = "run"
     #: called after each round with the metrics row (e.g. by tests to stop a run part-way)
     on_round: Callable[[int, dict[str, Any]], None] | None = None
+    #: the simulated clock of a run with device profiles (``None``: rounds take no simulated time)
+    clock: Clock | None = None
+    #: what ``devices.json`` records: each client's profile and capacity, each size's needs
+    devices_record: dict[str, Any] | None = None
     _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
 
 
@@ -73,6 +81,34 @@ def _cost(run: Run, config: Config) -> ModelCost:
     if key not in run._costs:
         run._costs[key] = model_cost(run.world.build_model(config), run.world.dataset.input_shape)
     return run._costs[key]
+
+
+def demand(run: Run, task: ClientTask, info: ClientInfo) -> Demand:
+    """What a client's round asks of its device on the clock: the task's bytes down; the same
+    parameters back up (their quantized size with ``communication.levels``); and 3x the forward
+    FLOPs of the task's model per example, over the examples its local training covers (``epochs``
+    passes over its data, at most ``max_steps`` batches)."""
+    down = params_nbytes(task.params) + params_nbytes(task.extras)
+    levels = run.world.upload_levels
+    if levels is None:
+        up = params_nbytes(task.params)
+    else:
+        up = sum(encoded_nbytes(v.numel(), levels) if v.is_floating_point() else v.numel() * v.element_size() for v in task.params.values())
+    flops = TRAIN_FLOPS_FACTOR * _cost(run, task.config).flops_per_sample * expected_examples(info.num_train, run.algorithm.local)
+    return Demand(float(down), float(flops), float(up))
+
+
+def _wait_for_online(run: Run, rnd: int, now: float, eligible: list[ClientInfo]) -> tuple[float, list[ClientInfo]]:
+    """The eligible clients online at ``now``; when none is, the clock first moves on to the next
+    time one comes online. Returns the (possibly later) time and those clients."""
+    assert run.clock is not None
+    online = [c for c in eligible if run.clock.online(c.id, now)]
+    if online or not eligible:
+        return now, online
+    later = run.clock.next_online([c.id for c in eligible], now)
+    if later is None:
+        raise RuntimeError(f"round {rnd}: no eligible client is ever online again after simulated time {now:.0f} s (devices.availability)")
+    return later, [c for c in eligible if run.clock.online(c.id, later)]
 
 
 def _summary(values: Sequence[float], prefix: str) -> dict[str, float]:
@@ -213,16 +249,31 @@ def init_state(run: Run) -> Any:
 def run_rounds(run: Run, resume: bool = False) -> RunResult:
     alg = run.algorithm
     start = 1
+    now = 0.0  # simulated seconds since the run began
     checkpoint = load_checkpoint(run.run_dir) if resume else None
     if checkpoint is not None:
         start = checkpoint["round"] + 1
         state = checkpoint["algorithm_state"]
         sel_state = checkpoint["selector_state"]
         run.executor.store.restore(checkpoint["store"])
+        now = float(checkpoint.get("sim_time", 0.0))
     else:
         state = init_state(run)
         sel_state = run.selector.init(run.fleet.infos(1))
         run.executor.store.reset()
+        if run.devices_record is not None:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / DEVICES).write_text(json.dumps(run.devices_record, indent=1) + "\n")
+    if run.clock is not None:
+        first = run.fleet.infos(start)
+        out = sum(run.fleet.excluded(c) for c in first)
+        tiers = Counter(c.tier for c in first if not run.fleet.excluded(c))
+        print(
+            f"devices: {out} of {len(first)} clients cannot train the size {run.fleet.policy} gives them and are excluded; "
+            f"by tier: {', '.join(f'{t} {n}' for t, n in sorted(tiers.items()))} (see {DEVICES})",
+            flush=True,
+            file=sys.stderr,
+        )
     log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
     progress = Progress(run.rounds, start, run.name, run.progress)
     try:
@@ -231,6 +282,10 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             infos = run.fleet.infos(rnd)
             by_id = {c.id: c for c in infos}
             eligible = run.fleet.eligible(infos, rnd)
+            waited = 0.0
+            if run.clock is not None:
+                later, eligible = _wait_for_online(run, rnd, now, eligible)
+                waited, now = later - now, later
             probed = {"down": 0, "up": 0}
 
             def probe(cids: Sequence[int], what: str, batch: int | None = None) -> dict[int, Any]:
@@ -259,11 +314,21 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             reporting = [cid for cid in selected if cid not in weak and not run.fleet.dropped(cid, rnd)]
             tasks = alg.configure(state, rnd, [by_id[c] for c in selected if c not in weak])
             live = {cid: tasks[cid] for cid in reporting if cid in tasks}
+            plan: RoundPlan | None = None
+            late_outcome = None
+            if run.clock is not None:
+                plan = run.clock.plan(rnd, now, {cid: demand(run, t, by_id[cid]) for cid, t in live.items()})
+                late = {cid: live[cid] for cid in plan.stragglers}
+                live = {cid: live[cid] for cid in plan.on_time}
+                if late:  # stragglers train (their devices' state moves on); their updates are never aggregated
+                    late_outcome = run.executor.train(alg, late, by_id, alg.accumulator(state, rnd))
             outcome = run.executor.train(alg, live, by_id, alg.accumulator(state, rnd))
             state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
             sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
 
             row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(weak) - len(reporting)}
+            if plan is not None:
+                row["dropped"] += len(plan.went_offline)
             if run.fleet.policy == "drop_weak":
                 row["left_out_weak"] = len(weak)
             client_rows = []
@@ -278,13 +343,26 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     crow["bytes_down"] = params_nbytes(task.params) + params_nbytes(task.extras)
                 if cost is not None:
                     crow.update(params=cost.params, flops_per_sample=cost.flops_per_sample)
-                if cid in outcome.metrics:
+                if plan is not None and cid in plan.costs:
+                    c = plan.costs[cid]
+                    crow.update(sim_compute_s=c.compute, sim_comm_s=c.communication, sim_seconds=c.total)
+                if late_outcome is not None and cid in late_outcome.metrics:
+                    m = late_outcome.metrics[cid]
+                    crow.update(m)
+                    crow["straggler"] = True  # it finished after the round closed (sim_seconds > the round's sim_round_s)
+                    # it trained (the FLOPs are spent); its upload is never received
+                    flops += TRAIN_FLOPS_FACTOR * m.get("examples_seen", 0.0) * (cost.flops_per_sample if cost else 0)
+                elif late_outcome is not None and cid in late_outcome.failures:
+                    crow["error"] = late_outcome.failures[cid]
+                elif plan is not None and cid in plan.went_offline:
+                    crow["error"] = "went offline before finishing (devices.availability)"
+                elif cid in outcome.metrics:
                     m = outcome.metrics[cid]
                     crow.update(m)
                     crow["bytes_up"] = outcome.bytes_up[cid]
                     seen = m.get("examples_seen", 0.0)
                     # training costs about 3x the forward FLOPs (forward + two backward products)
-                    flops += 3.0 * seen * (cost.flops_per_sample if cost else 0)
+                    flops += TRAIN_FLOPS_FACTOR * seen * (cost.flops_per_sample if cost else 0)
                     total_examples += seen
                     loss_sum += m.get("train_loss", 0.0) * seen
                 elif cid in outcome.failures:
@@ -302,6 +380,11 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             if probed["down"]:
                 # what the selector's probes cost (included in bytes_down / bytes_up)
                 row["probe_bytes_down"], row["probe_bytes_up"] = probed["down"], probed["up"]
+            if plan is not None:
+                now += plan.duration
+                row.update(sim_time=now, sim_round_s=plan.duration, stragglers=len(plan.stragglers), went_offline=len(plan.went_offline))
+                if waited:
+                    row["sim_wait_s"] = waited
             row["train_flops"] = flops
             row.update(agg_metrics)
             if rnd % run.eval_every == 0 or rnd == run.rounds:
@@ -323,6 +406,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                         "algorithm_state": state,
                         "selector_state": sel_state,
                         "store": run.executor.store.snapshot(),
+                        "sim_time": now,
                         "fedhet_version": __version__,
                     },
                 )
