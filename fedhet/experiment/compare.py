@@ -115,6 +115,9 @@ def summarize(name: str, history: list[dict[str, Any]], seconds: float) -> dict[
         "bytes_total": sum((r.get("bytes_up") or 0) + (r.get("bytes_down") or 0) for r in history),
         "train_flops": sum(r.get("train_flops") or 0 for r in history),
         "failures": sum(r.get("failures") or 0 for r in history),
+        # on the simulated clock (device profiles): the run's simulated seconds and its stragglers
+        "sim_time": last.get("sim_time"),
+        "stragglers": sum(r.get("stragglers") or 0 for r in history) if "sim_time" in last else None,
         "rounds": last["round"],
         "seconds": seconds,
         "width_accuracy": width_accuracy(last),
