@@ -29,7 +29,6 @@ measures what training a model needs at a batch size.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from fedhet.core import rng
+from fedhet.devices._files import read_rows
 
 MB = 1e6
 GB = 1e9
@@ -227,31 +227,12 @@ def flash_population(
 COLUMNS = tuple(f.name for f in fields(DeviceProfile))
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(
-                f"devices.profiles: {path} must hold a JSON list of objects (one per client or device type)"
-            )
-        return data
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"devices.profiles: {path} must be a .csv or .json file")
-
-
 def read_profiles(path: str | os.PathLike[str], num_clients: int, seed: int) -> list[DeviceProfile]:
     """Profiles from a user file, one row per client (a ``client`` column, every client once) or per
     device type (a ``share`` column: clients are given types in those proportions, by a seeded
     shuffle). Every row needs ``flops``, ``memory``, ``down`` and ``up``; ``latency``,
     ``down_sigma``, ``up_sigma`` and ``name`` are optional. Errors name the file, row and column."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"devices.profiles: {p} not found")
-    rows = _rows(p)
-    if not rows:
-        raise ValueError(f"devices.profiles: {p} has no rows")
+    p, rows, _ = read_rows(path, "devices.profiles", "one per client or device type")
     profiles = []
     for i, row in enumerate(rows, 1):
         unknown = sorted(set(row) - set(COLUMNS) - {"client", "share"})

@@ -17,16 +17,13 @@ round when it goes offline before it has finished (:meth:`OnlineSchedule.online_
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from fedhet.core import rng
+from fedhet.devices._files import read_rows
 
 DAY = 86_400.0
 HOUR = 3_600.0
@@ -113,43 +110,16 @@ def daily_schedule(hours: Sequence[float], starts: Sequence[float | None], seed:
     return OnlineSchedule(tuple(windows), DAY)
 
 
-def _trace_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"devices.availability.trace: {path} is not valid JSON: {err.msg} at line {err.lineno}"
-            ) from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(
-                f"devices.availability.trace: {path} must hold a JSON list of objects with keys client, start, end"
-            )
-        return data
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = tuple(reader.fieldnames or ())
-            if sorted(columns) != sorted(TRACE_COLUMNS):
-                raise ValueError(
-                    f"devices.availability.trace: {path} has columns {', '.join(columns) or '(none)'}; "
-                    f"allowed: exactly {', '.join(TRACE_COLUMNS)}"
-                )
-            return list(reader)
-    raise ValueError(f"devices.availability.trace: {path} must be a .csv or .json file")
-
-
 def read_trace(path: str | os.PathLike[str], num_clients: int, period: float | None = None) -> OnlineSchedule:
     """Online intervals from a file of rows ``client, start, end`` (seconds; ``start < end``; within
     ``[0, period]`` when the trace repeats every ``period`` seconds). Clients ``0..num_clients-1``
     must each have at least one row. Errors name the file, the row and the column."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"devices.availability.trace: {p} not found")
-    rows = _trace_rows(p)
-    if not rows:
-        raise ValueError(f"devices.availability.trace: {p} has no rows")
+    p, rows, columns = read_rows(path, "devices.availability.trace", "with keys client, start, end")
+    if sorted(columns) != sorted(TRACE_COLUMNS):
+        raise ValueError(
+            f"devices.availability.trace: {p} has columns {', '.join(columns) or '(none)'}; "
+            f"allowed: exactly {', '.join(TRACE_COLUMNS)}"
+        )
     per_client: list[list[tuple[float, float]]] = [[] for _ in range(num_clients)]
     for i, row in enumerate(rows, 1):
         if sorted(row) != sorted(TRACE_COLUMNS):
