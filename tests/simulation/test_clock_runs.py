@@ -5,6 +5,7 @@ over-commitment, online windows, and one-line errors for bad device input before
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -248,3 +249,15 @@ def test_bad_device_input_is_refused_in_one_line(tmp_path):
     for overrides, needle in cases:
         message = _error(tmp_path, overrides)
         assert needle in message, (overrides, message)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fork-started workers")
+def test_the_clock_gives_the_same_bits_with_parallel_workers(tmp_path):
+    # FedDyn keeps per-client state, which stragglers update though their updates are not aggregated
+    path = _profiles(tmp_path, [{**FAST, "down_sigma": 5e5, "up_sigma": 5e5}] * 4 + [SLOW] * 2)
+    clock = ["algorithm.name=feddyn", "devices.profiles={source: file, path: %s}" % path, "devices.deadline=1.0"]
+    _, seq = _run(tmp_path, "seq", clock)
+    _, par = _run(tmp_path, "par", [*clock, "runtime.workers=2"])
+    assert _same(seq.params, par.params)
+    assert [r["sim_time"] for r in seq.history] == [r["sim_time"] for r in par.history]
+    assert sum(r["stragglers"] for r in seq.history) > 0
