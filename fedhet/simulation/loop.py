@@ -107,7 +107,10 @@ def _wait_for_online(run: Run, rnd: int, now: float, eligible: list[ClientInfo])
         return now, online
     later = run.clock.next_online([c.id for c in eligible], now)
     if later is None:
-        raise RuntimeError(f"round {rnd}: no eligible client is ever online again after simulated time {now:.0f} s (devices.availability)")
+        raise ConfigError(
+            f"devices.availability: no eligible client is ever online again after simulated time {now:.4g} s (round {rnd}); "
+            "allowed: a trace that covers every round, or a period to repeat it"
+        )
     return later, [c for c in eligible if run.clock.online(c.id, later)]
 
 
