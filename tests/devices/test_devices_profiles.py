@@ -126,3 +126,37 @@ def test_flash_population_from_the_measurements():
     assert 2e8 <= flops[0] and flops[-1] <= 1364 * 1e8
     assert all(p.memory <= 16 * 2**30 * 0.25 for p in pop)
     assert len({p.name for p in pop}) > 50
+
+
+@pytest.mark.skipif(
+    DATA is None or not (Path(DATA) / "device_profiles").is_dir(),
+    reason="set FEDHET_DATA to a data root with device_profiles/ (FLASH's measurements) to serve the real bytes",
+)
+def test_missing_flash_files_are_downloaded_and_checked(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    from fedhet.devices.profiles import FLASH_FILES, FLASH_ORIGIN
+
+    served = {FLASH_ORIGIN + path: (Path(DATA) / "device_profiles" / name).read_bytes() for name, (path, _) in FLASH_FILES.items()}
+    asked = []
+
+    def fake(url, timeout):
+        asked.append(url)
+        return io.BytesIO(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    phones, speeds = read_flash(tmp_path)
+    assert len(phones) == 333 and len(speeds) == 19 and len(asked) == 2
+    assert (tmp_path / "device_profiles" / "flash_speed_distri.json").read_bytes() == served[FLASH_ORIGIN + "models/speed_distri.json"]
+    read_flash(tmp_path)
+    assert len(asked) == 2  # found on disk the second time
+
+    # a corrupted download is refused and leaves nothing behind
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"[]"))
+    with pytest.raises(FileNotFoundError, match="expected 267a0e7b") as err:
+        read_flash(tmp_path / "other")
+    assert "\n" not in str(err.value)
+    assert not any((tmp_path / "other" / "device_profiles").iterdir())
+    with pytest.raises(FileNotFoundError, match="downloading is off"):
+        read_flash(tmp_path / "third", allow_download=False)
