@@ -345,6 +345,11 @@ def time_to_accuracy(run_dirs: dict[str, Path], targets: list[float]) -> list[di
     return out
 
 
+def _short(x: float) -> str:
+    """Three significant digits, without an exponent (1,010 rather than 1.01e+03)."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def markdown_time_to_accuracy(table: list[dict[str, Any]], targets: list[float], label: str) -> str:
     """One row per variant; per target, simulated time, bytes and rounds to reach it (- : not reached)."""
     times = [v["sim_time"] for row in table for v in row["reached"].values() if v and v.get("sim_time") is not None]
@@ -363,8 +368,8 @@ def markdown_time_to_accuracy(table: list[dict[str, Any]], targets: list[float],
                 cells += ["-"] * len(parts)
                 continue
             if times:
-                cells.append("-" if v.get("sim_time") is None else f"{v['sim_time'] / tscale:.3g} {tunit}")
-            cells += [f"{v['bytes'] / bscale:.3g} {bunit}", f"{v['round']:.0f}"]
+                cells.append("-" if v.get("sim_time") is None else f"{_short(v['sim_time'] / tscale)} {tunit}")
+            cells += [f"{_short(v['bytes'] / bscale)} {bunit}", f"{v['round']:.0f}"]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
