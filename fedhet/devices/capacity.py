@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fedhet.core.messages import ModelSize
-from fedhet.devices.profiles import OPTIMIZER_COPIES, DeviceProfile, training_memory
+from fedhet.devices.profiles import OPTIMIZER_COPIES, DeviceProfile, cost_at, training_memory
 from fedhet.models.cost import flops_per_sample
 from fedhet.training.local import LocalTraining
 
@@ -80,12 +80,8 @@ def expected_examples(num_train: int, local: LocalTraining) -> int:
 
 def expected_seconds(profile: DeviceProfile, need: SizeNeed, examples: int) -> float:
     """A round's expected duration for this device at this size, with its mean bandwidths."""
-    return (
-        need.bytes / profile.down
-        + examples * need.flops_per_example / profile.flops
-        + need.bytes / profile.up
-        + profile.latency
-    )
+    flops = examples * need.flops_per_example
+    return cost_at(profile, profile.down, profile.up, bytes_down=need.bytes, train_flops=flops, bytes_up=need.bytes).total
 
 
 def fit_capacity(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedhet.devices.profiles import DeviceProfile, RoundCost, round_seconds
 from fedhet.devices.schedule import OnlineSchedule
@@ -57,8 +57,8 @@ class Clock:
     deadline: float | None = None
     #: with over-commitment: the clients a round aggregates (the first to finish)
     target: int | None = None
+    #: when clients are online (``None``: always)
     schedule: OnlineSchedule | None = None
-    _always: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.deadline is not None and not (self.deadline > 0 and math.isfinite(self.deadline)):
@@ -67,17 +67,15 @@ class Clock:
             raise ValueError(
                 f"selection.overcommit: a round must aggregate at least one client, got target {self.target!r}"
             )
-        always = self.schedule is None or all(self.schedule._always(c) for c in range(len(self.schedule.windows)))
-        object.__setattr__(self, "_always", always)
 
     def online(self, cid: int, now: float) -> bool:
-        return self._always or self.schedule.online_until(cid, now) is not None  # type: ignore[union-attr]
+        return self.schedule is None or self.schedule.online_until(cid, now) is not None
 
     def next_online(self, cids: Sequence[int], now: float) -> float | None:
         """The earliest time ``>= now`` at which one of ``cids`` is online (``None``: never again)."""
-        if self._always:
+        if self.schedule is None:
             return now if cids else None
-        times = [t for c in cids if (t := self.schedule.next_online(c, now)) is not None]  # type: ignore[union-attr]
+        times = [t for c in cids if (t := self.schedule.next_online(c, now)) is not None]
         return min(times) if times else None
 
     def cost(self, cid: int, rnd: int, demand: Demand) -> RoundCost:
@@ -98,7 +96,7 @@ class Clock:
         settled: list[float] = []  # when the server learns each client's fate (seconds from now)
         finishing: list[tuple[float, int]] = []
         for cid, c in costs.items():
-            until = math.inf if self._always else self.schedule.online_until(cid, now)  # type: ignore[union-attr]
+            until = math.inf if self.schedule is None else self.schedule.online_until(cid, now)
             if until is not None and now + c.total <= until:
                 finishing.append((c.total, cid))
             else:

@@ -327,13 +327,20 @@ class RoundCost:
         return self.download + self.upload
 
 
+def cost_at(
+    profile: DeviceProfile, down: float, up: float, *, bytes_down: float, train_flops: float, bytes_up: float
+) -> RoundCost:
+    """A round's cost at download and upload bandwidths ``down`` and ``up`` (bytes/s)."""
+    return RoundCost(bytes_down / down, train_flops / profile.flops, bytes_up / up, profile.latency)
+
+
 def round_seconds(
     profile: DeviceProfile, *, bytes_down: float, train_flops: float, bytes_up: float, seed: int, rnd: int, cid: int
 ) -> RoundCost:
     """download bytes / down-bandwidth + training FLOPs / throughput + upload bytes / up-bandwidth +
     latency, with the round's bandwidths from :func:`bandwidths`."""
     down, up = bandwidths(profile, seed, rnd, cid)
-    return RoundCost(bytes_down / down, train_flops / profile.flops, bytes_up / up, profile.latency)
+    return cost_at(profile, down, up, bytes_down=bytes_down, train_flops=train_flops, bytes_up=bytes_up)
 
 
 #: optimizer state per parameter, in copies of the parameter
@@ -380,6 +387,7 @@ __all__ = [
     "DeviceProfile",
     "RoundCost",
     "bandwidths",
+    "cost_at",
     "flash_population",
     "preset",
     "read_flash",

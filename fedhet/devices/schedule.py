@@ -38,7 +38,8 @@ class OnlineSchedule:
     windows: tuple[tuple[tuple[float, float], ...], ...]
     period: float | None = DAY
 
-    def _always(self, cid: int) -> bool:
+    def always(self, cid: int) -> bool:
+        """Whether client ``cid`` is online at every time."""
         w = self.windows[cid]
         return self.period is not None and len(w) == 1 and w[0] == (0.0, self.period)
 
@@ -46,7 +47,7 @@ class OnlineSchedule:
         """``None`` when client ``cid`` is offline at time ``t``; else the time it goes offline
         (``math.inf``: never)."""
         w = self.windows[cid]
-        if self._always(cid):
+        if self.always(cid):
             return math.inf
         if self.period is None:
             for s, e in w:

@@ -17,7 +17,7 @@ from fedhet.core.messages import ModelSize
 from fedhet.core.registry import ALGORITHMS
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
-from fedhet.experiment.config import ConfigError, ExperimentConfig
+from fedhet.experiment.config import ConfigError, ExperimentConfig, parse_value
 from fedhet.selection.base import ClientSelector
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.executors import Executor, SequentialExecutor
@@ -166,7 +166,7 @@ def build_profiles(cfg: ExperimentConfig, tiers: list[Any], num_clients: int) ->
             if missing:
                 raise ValueError(f"{where}: missing {missing[0]} (tier {tier.name!r}); allowed: a number > 0")
             # YAML 1.1 reads 1.0e9 (no sign after e) as a string; a number is meant
-            values = {k: _yaml_number(v) for k, v in tier.device.items()}
+            values = {k: parse_value(v) if isinstance(v, str) else v for k, v in tier.device.items()}
             try:
                 devices.append(DeviceProfile(**{"name": tier.name, **values}))
             except ValueError as err:  # "devices.profiles (NAME): FIELD got ..." names the tier's entry instead
@@ -174,15 +174,6 @@ def build_profiles(cfg: ExperimentConfig, tiers: list[Any], num_clients: int) ->
         return [devices[t] for t in assign_tiers(num_clients, tiers, mode="fixed", seed=cfg.seed, rnd=1)]
     except (ValueError, FileNotFoundError) as err:
         raise _error(err) from None
-
-
-def _yaml_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _presets() -> list[str]:
