@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from fedhet.core.messages import ClientResult, ClientTask
+
+if TYPE_CHECKING:
+    from fedhet.aggregation.robust import ClientUpdate, RobustRule
 
 
 class Accumulator(ABC):
@@ -25,6 +30,19 @@ class Accumulator(ABC):
     def empty(self) -> Accumulator:
         """A fresh accumulator of the same kind and settings (what a worker starts from)."""
         return type(self)()
+
+    # -- robust aggregation (``fedhet.aggregation.robust``) ----------------------------------------
+    def use_rule(self, rule: RobustRule) -> bool:
+        """Combine the round's updates with ``rule`` instead of a plain mean (set before any client
+        is added; ``empty()`` keeps it). False where this accumulator does not support robust rules."""
+        return False
+
+    def kept_updates(self) -> dict[int, ClientUpdate]:
+        """The updates kept under a robust rule, by client id (none without one)."""
+        return {}
+
+    def reject(self, cids: Collection[int]) -> None:
+        """Leave these clients' updates out of the round (a robust rule's screen rejected them)."""
 
 
 class Collect(Accumulator):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
+from fedhet.aggregation import robust
 from fedhet.aggregation.base import Accumulator
 from fedhet.core.messages import ClientResult, ClientTask
 from fedhet.core.types import Params
@@ -14,18 +15,37 @@ WEIGHTINGS = ("examples", "uniform")
 
 
 class WeightedSum(Accumulator):
-    """Σ_k w_k θ_k and Σ_k w_k, in float64; ``w_k`` = the client's example count, or 1 (``uniform``)."""
+    """Σ_k w_k θ_k and Σ_k w_k, in float64; ``w_k`` = the client's example count, or 1 (``uniform``).
 
-    def __init__(self, weighting: str = "examples") -> None:
+    With a robust rule (``use_rule``) it keeps each client's update instead, and ``mean`` is the
+    rule's combination (``fedhet.aggregation.robust``)."""
+
+    def __init__(self, weighting: str = "examples", rule: robust.RobustRule | None = None) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: got {weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
         self.weighting = weighting
+        self.rule = rule if rule is not None and rule.active else None
+        self.kept: dict[int, robust.ClientUpdate] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.total = 0.0
         self.count = 0
 
     def empty(self) -> WeightedSum:
-        return WeightedSum(self.weighting)
+        return WeightedSum(self.weighting, self.rule)
+
+    def use_rule(self, rule: robust.RobustRule) -> bool:
+        self.rule = rule if rule.active else None
+        return True
+
+    def kept_updates(self) -> dict[int, robust.ClientUpdate]:
+        return self.kept
+
+    def reject(self, cids: Collection[int]) -> None:
+        for cid in cids:
+            update = self.kept.pop(cid, None)
+            if update is not None:
+                self.total -= update.weight
+                self.count -= 1
 
     def add_params(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
         for name, value in params.items():
@@ -40,10 +60,16 @@ class WeightedSum(Accumulator):
 
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0
+        if self.rule is not None:
+            self.kept[cid] = robust.make_update(cid, weight, result.params, task.params)
+            self.total += weight
+            self.count += 1
+            return
         self.add_params(result.params, weight)
 
     def merge(self, other: Accumulator) -> None:
         assert isinstance(other, WeightedSum) and other.weighting == self.weighting
+        self.kept.update(other.kept)
         for name, value in other.sums.items():
             if name in self.sums:
                 self.sums[name] += value
@@ -56,8 +82,11 @@ class WeightedSum(Accumulator):
         """The weighted mean, cast to each reference tensor's dtype and device.
 
         Entries no client sent, and everything when the total weight is 0, keep the reference value.
-        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are rounded.
+        Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are rounded. With a robust rule:
+        ``reference`` moved by the rule's combination of the kept updates.
         """
+        if self.rule is not None:
+            return robust.apply(reference, *robust.combine(list(self.kept.values()), self.rule))
         out: Params = {}
         for name, ref in reference.items():
             if name not in self.sums or self.total <= 0:
@@ -90,22 +119,38 @@ class GroupedSum(Accumulator):
     per-tier or per-cluster averages that still merge across worker processes. ``members`` records
     each client's group."""
 
-    def __init__(self, key_of, weighting: str = "examples") -> None:  # noqa: ANN001
+    def __init__(self, key_of, weighting: str = "examples", rule: robust.RobustRule | None = None) -> None:  # noqa: ANN001
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: got {weighting!r}, allowed: {', '.join(WEIGHTINGS)}")
         self.key_of = key_of
         self.weighting = weighting
+        self.rule = rule
         self.groups: dict = {}
         self.members: dict = {}
         self.count = 0
 
     def empty(self) -> GroupedSum:
-        return GroupedSum(self.key_of, self.weighting)
+        return type(self)(self.key_of, self.weighting, self.rule)
+
+    def use_rule(self, rule: robust.RobustRule) -> bool:
+        """The rule combines the updates within each group (a tier's, a cluster's)."""
+        self.rule = rule
+        return True
+
+    def kept_updates(self) -> dict[int, robust.ClientUpdate]:
+        return {cid: u for group in self.groups.values() for cid, u in group.kept.items()}
+
+    def reject(self, cids: Collection[int]) -> None:
+        for cid in cids:
+            key = self.members.pop(cid, None)
+            if key is not None and cid in self.groups[key].kept:
+                self.groups[key].reject([cid])
+                self.count -= 1
 
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
         key = self.key_of(task, result)
         if key not in self.groups:
-            self.groups[key] = WeightedSum(self.weighting)
+            self.groups[key] = WeightedSum(self.weighting, self.rule)
         self.groups[key].add(cid, task, result)
         self.members[cid] = key
         self.count += 1

@@ -29,7 +29,7 @@ unchanged. The global model is evaluated at every width with its own statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.robust import ClientUpdate, RobustRule
 from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import FedAvg, server_step
 from fedhet.algorithms.heterofl import SubmodelState, width_name
@@ -102,20 +103,51 @@ class WeightSpecs:
 
 
 class FjordSum(Accumulator):
-    """Coverage mean of the weights, and per width a sample-weighted mean of the statistics."""
+    """Coverage mean of the weights, and per width a sample-weighted mean of the statistics.
+
+    With a robust rule the weights' updates are combined by the rule, and each client's statistics
+    are kept until the round ends, so that a client the rule's screen rejects adds nothing."""
 
     def __init__(self, specs: WeightSpecs, weighting: str = "examples") -> None:
         self.specs = specs
         self.weighting = weighting
         self.params = CoverageSum(specs, weighting)
-        self.stats: dict[float, CoverageSum] = {}
+        self._stats: dict[float, CoverageSum] = {}
+        #: under a robust rule: each client's weight and statistics by width, summed at the end
+        self.client_stats: dict[int, tuple[float, dict[float, Params]]] = {}
 
     def empty(self) -> FjordSum:
-        return FjordSum(self.specs, self.weighting)
+        out = FjordSum(self.specs, self.weighting)
+        out.params = self.params.empty()
+        return out
 
     @property
     def count(self) -> int:
         return self.params.count
+
+    def use_rule(self, rule: RobustRule) -> bool:
+        """The rule combines the weights' updates; the per-width statistics keep their mean."""
+        return self.params.use_rule(rule)
+
+    def kept_updates(self) -> dict[int, ClientUpdate]:
+        return self.params.kept_updates()
+
+    def reject(self, cids: Collection[int]) -> None:
+        self.params.reject(cids)
+        for cid in cids:
+            self.client_stats.pop(cid, None)
+
+    def _add_stats(self, weight: float, by_width: Mapping[float, Params]) -> None:
+        for p, values in sorted(by_width.items()):
+            acc = self._stats.setdefault(p, CoverageSum(None, self.weighting))
+            acc.add_spec(full_spec({n: tuple(v.shape) for n, v in values.items()}), values, weight)
+
+    @property
+    def stats(self) -> dict[float, CoverageSum]:
+        """Per width, the sum of the clients' statistics."""
+        for cid in sorted(self.client_stats):
+            self._add_stats(*self.client_stats.pop(cid))
+        return self._stats
 
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
         self.params.add(cid, task, result)
@@ -125,18 +157,20 @@ class FjordSum(Accumulator):
             if key.startswith(STATS):
                 p, name = parse_stats_key(key)
                 by_width.setdefault(p, {})[name] = value
-        for p, values in sorted(by_width.items()):
-            acc = self.stats.setdefault(p, CoverageSum(None, self.weighting))
-            acc.add_spec(full_spec({n: tuple(v.shape) for n, v in values.items()}), values, weight)
+        if self.params.rule is not None:
+            self.client_stats[cid] = (weight, by_width)
+        else:
+            self._add_stats(weight, by_width)
 
     def merge(self, other: Accumulator) -> None:
         assert isinstance(other, FjordSum)
         self.params.merge(other.params)
-        for p, acc in sorted(other.stats.items()):
-            if p in self.stats:
-                self.stats[p].merge(acc)
+        self.client_stats.update(other.client_stats)
+        for p, acc in sorted(other._stats.items()):
+            if p in self._stats:
+                self._stats[p].merge(acc)
             else:
-                mine = self.stats[p] = CoverageSum(None, self.weighting)
+                mine = self._stats[p] = CoverageSum(None, self.weighting)
                 mine.merge(acc)
 
 

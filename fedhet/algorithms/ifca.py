@@ -40,6 +40,7 @@ from torch import nn
 
 from fedhet.aggregation.base import Accumulator
 from fedhet.aggregation.mean import WEIGHTINGS, GroupedSum
+from fedhet.aggregation.robust import RobustRule
 from fedhet.algorithms import register
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ClientError, ServerSetup, check_result, load_params, model_params
@@ -108,6 +109,14 @@ def draw_models(initial: Params, trainable: frozenset[str], clusters: int, seed:
     return models
 
 
+class ClusterSum(GroupedSum):
+    """Per-cluster sums. Robust rules are refused: a client receives every cluster's model and
+    sends one, so its update is not the difference of what it sent and received."""
+
+    def use_rule(self, rule: RobustRule) -> bool:
+        return False
+
+
 class ChosenCluster:
     """``(task, result) -> the cluster the client chose`` (picklable, for :class:`GroupedSum`)."""
 
@@ -168,6 +177,8 @@ class IFCA(Algorithm[IFCAState]):
 
     # -- server -----------------------------------------------------------------------------------
     def init(self, setup: ServerSetup) -> IFCAState:
+        if setup.clients and self.clusters > len(setup.clients):  # more clusters than clients stay empty
+            raise ValueError(f"algorithm.clusters: got {self.clusters}, allowed: 1 to {len(setup.clients)} (the clients)")
         trainable = frozenset(n for n in setup.trainable if setup.params[n].is_floating_point())
         draw_seed = int(torch.randint(0, 2**62, (1,), generator=setup.generator))
         return IFCAState(
@@ -182,7 +193,7 @@ class IFCA(Algorithm[IFCAState]):
         return {c.id: ClientTask(round=rnd, params={}, config=state.model_config, extras=packed) for c in clients}
 
     def accumulator(self, state: IFCAState, rnd: int) -> Accumulator:
-        return GroupedSum(ChosenCluster(), self.weighting)
+        return ClusterSum(ChosenCluster(), self.weighting)
 
     def aggregate(self, state: IFCAState, rnd: int, acc: Accumulator) -> tuple[IFCAState, Metrics]:
         assert isinstance(acc, GroupedSum)

@@ -126,9 +126,9 @@ class InclusiveFL(FedAvg):
         for s in sizes:
             if s.width != setup.global_size.width or s.density != 1.0:
                 raise ValueError(
-                    f"{self.name}: device tiers may differ only in depth (InclusiveFL scales the number of "
-                    f"layers); got a size with width={s.width!r}, density={s.density!r} beside global width "
-                    f"{setup.global_size.width!r}"
+                    f"devices.tiers: got a size with width={s.width!r}, density={s.density!r} beside global width "
+                    f"{setup.global_size.width!r}, but {self.name}'s tiers may differ only in depth (InclusiveFL scales "
+                    "the number of layers); allowed: tiers of one width and density 1 (e.g. depth per tier)"
                 )
         gconfig = multi_exit(size_config(setup.global_size))
         family = ModelFamily.build(setup.build_model, gconfig, [size_config(s) for s in sizes])

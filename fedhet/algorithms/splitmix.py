@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.robust import RobustRule
 from fedhet.algorithms import register
 from fedhet.algorithms.fedavg import FedAvg, ServerState, server_step
 from fedhet.core import rng
@@ -133,12 +134,12 @@ class BaseSpecs:
 class SplitMixSum(CoverageSum):
     """``CoverageSum`` that also reads the sampler position the round's tasks reached."""
 
-    def __init__(self, spec_of, weighting: str = "examples") -> None:  # noqa: ANN001
-        super().__init__(spec_of, weighting)
+    def __init__(self, spec_of, weighting: str = "examples", rule: RobustRule | None = None) -> None:  # noqa: ANN001
+        super().__init__(spec_of, weighting, rule=rule)
         self.sampler_end: int | None = None
 
     def empty(self) -> SplitMixSum:
-        return SplitMixSum(self.spec_of, self.weighting)
+        return SplitMixSum(self.spec_of, self.weighting, self.rule)
 
     def _see(self, end: int | None) -> None:
         if end is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhet.experiment.config import ConfigError
+from fedhet.simulation.loop import RunStopped
 
 
 def _run_dir(base: str, name: str) -> Path:
@@ -68,11 +69,12 @@ def _check_resume(cfg: Any, saved: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhet.experiment.build import build_run
-    from fedhet.experiment.checkpoint import load_checkpoint
+    from fedhet.experiment.checkpoint import load_checkpoint, missing_previous
     from fedhet.experiment.compare import summarize
     from fedhet.experiment.config import dump_config, load_config
     from fedhet.experiment.logging import write_run_header
     from fedhet.experiment.report import print_table
+    from fedhet.experiment.rundir import check_free, claim, refuse_earlier_run
     from fedhet.simulation.loop import run_rounds
 
     overrides = list(args.overrides)
@@ -89,26 +91,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--resume and --run-dir: got both; allowed: --resume RUN_DIR alone (the run continues in its folder)"
             )
+        if args.overwrite:
+            raise ConfigError(
+                "--resume and --overwrite: got both; allowed: --resume RUN_DIR to continue a run, or --overwrite to start one afresh"
+            )
         # without a config file the run continues from its own saved config (overrides still apply)
         cfg = _with_plugins(load_config(args.config or saved, overrides), args.plugin)
         _check_resume(cfg, saved)
-        done = load_checkpoint(run_dir)
+        done = load_checkpoint(run_dir, previous=args.from_previous)
+        if args.from_previous and done is None:
+            raise ConfigError(missing_previous(run_dir))
         if done is not None and done["round"] >= cfg.rounds:
             print(
                 f"run {run_dir} is finished: {done['round']} of {cfg.rounds} rounds; pass rounds=N (N > {done['round']}) to extend it"
             )
             return 0
     else:
+        if args.from_previous:
+            raise ConfigError("--from-previous: given without --resume; allowed: fedhet run --resume RUN_DIR --from-previous")
         cfg = _with_plugins(load_config(args.config, overrides), args.plugin)
         cfg = cfg.model_copy(update={"name": _run_name(cfg, args.config, overrides)})
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg.logging.dir, cfg.name)
+    if args.check:
+        return _check_run(cfg, run_dir)
+    # a folder another run writes, or an earlier run's, is refused before the data are loaded
+    check_free(run_dir)
+    if not args.resume and not args.overwrite:
+        refuse_earlier_run(run_dir, "--run-dir", resume_hint=True)
     run = build_run(cfg, run_dir)  # loads the data: errors surface before anything is written
-    write_run_header(run_dir, dump_config(cfg), run.world.dataset)
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    print(run.world.dataset.summary(), file=sys.stderr)
-    started = time.perf_counter()
     try:
-        result = run_rounds(run, resume=bool(args.resume))
+        with claim(run_dir, fresh=not args.resume, overwrite=args.overwrite, from_previous=args.from_previous):
+            write_run_header(run_dir, dump_config(cfg), run.world.dataset)
+            print(f"run directory: {run_dir}", file=sys.stderr)
+            print(run.world.dataset.summary(), file=sys.stderr)
+            started = time.perf_counter()
+            result = run_rounds(run, resume=bool(args.resume))
     finally:
         run.executor.close()
     last = result.history[-1] if result.history else {}
@@ -125,8 +142,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run(cfg: Any, run_dir: Path) -> int:
+    """``fedhet run --check``: the run built as ``fedhet run`` builds it (config, algorithm, data,
+    model, devices, selector) and the algorithm's initial state, in a temporary folder, without
+    starting workers or training."""
+    import tempfile
+
+    from fedhet.experiment.build import build_run, check_executor
+    from fedhet.simulation.executors import SequentialExecutor
+    from fedhet.simulation.loop import accumulator, init_state
+
+    def executor(world: Any, store: Any) -> Any:
+        check_executor(cfg, world.dataset.num_clients)
+        return SequentialExecutor(world, store)
+
+    with tempfile.TemporaryDirectory(prefix="fedhet-check-") as tmp:
+        run = build_run(cfg, Path(tmp) / "run", executor=executor)
+        try:
+            accumulator(run, init_state(run), 1)  # the algorithm refuses a fleet, model or rule here
+        finally:
+            run.executor.close()
+    print(
+        f"config ok: {cfg.algorithm.name} on {cfg.data.dataset}, {run.world.dataset.num_clients} clients, "
+        f"{cfg.rounds} rounds; the run would write {run_dir}"
+    )
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedhet.experiment.compare import load_comparison, run_comparison
+    from fedhet.experiment.compare import check_out, load_comparison, run_comparison
     from fedhet.experiment.report import print_table
 
     overrides = list(args.overrides)
@@ -136,8 +180,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cmp = load_comparison(args.config, overrides, only=only)
     cmp.variants.update({name: _with_plugins(cfg, args.plugin) for name, cfg in cmp.variants.items()})
     out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
+    check_out(cmp, out, args.overwrite)
     print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
-    rows = run_comparison(cmp, out, progress=args.progress)
+    rows = run_comparison(cmp, out, progress=args.progress, overwrite=args.overwrite)
     print_table(cmp.name, rows)
     print(f"report: {out / 'report.md'}  plot: {out / 'accuracy.png'}")
     return 0
@@ -155,7 +200,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"--targets: got {args.targets!r}, allowed: comma-separated scores such as 0.5,0.6") from None
         if any(not 0 < t <= 1 for t in targets):
             raise ConfigError(f"--targets: got {args.targets!r}, allowed: scores with 0 < score <= 1")
-    rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title, targets)
+    for d in args.run_dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"run folder {d!r} does not exist; allowed: folders fedhet run wrote (each with a metrics.jsonl)")
+    try:
+        rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title, targets)
+    except ValueError as err:  # a folder without a readable round
+        raise ConfigError(f"{err}; allowed: folders fedhet run wrote (each with a metrics.jsonl)") from None
     print_table(args.title, rows)
     print(f"report: {out / 'report.md'}")
     return 0
@@ -353,7 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="YAML config (omit for all defaults)")
     r.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. algorithm.mu=0.1")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    r.add_argument(
+        "--from-previous",
+        action="store_true",
+        help="with --resume: continue from the checkpoint before the last (checkpoint.prev.pt), e.g. when checkpoint.pt "
+        "cannot be read; it replaces checkpoint.pt, and metrics rows after its round are dropped and redone",
+    )
     r.add_argument("--run-dir", help="where to write metrics and checkpoints (default: logging.dir/NAME-TIME)")
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a --run-dir that holds an earlier run (its checkpoints and metrics are removed); "
+        "without it such a folder is refused",
+    )
     r.add_argument("--device", help="cpu, cuda, cuda:N or auto (same as runtime.device=...)")
     r.add_argument(
         "--progress",
@@ -361,11 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress display: a bar, one line a round, nothing, or auto (a bar on a terminal); same as logging.progress=...",
     )
+    r.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and build the run (data, model, devices) without training or writing the run folder",
+    )
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run a comparison (a base config and named variants)")
     c.add_argument("config", help="comparison YAML: name, base (a run config) and variants (name -> overrides of base)")
     c.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to the base")
     c.add_argument("--out", help="output folder (default: runs/NAME-TIME)")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run again the variants whose folders in --out hold an earlier run (without it they are refused)",
+    )
     c.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     c.add_argument(
         "--progress",
@@ -488,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedhet: config error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"fedhet: run stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedhet: interrupted", file=sys.stderr)
         return 130

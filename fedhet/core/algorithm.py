@@ -184,6 +184,14 @@ def check_result(expected: Mapping[str, torch.Tensor], result: ClientResult) -> 
             raise ClientError(f"{name}: contains NaN or inf")
 
 
+def check_examples(info: ClientInfo, result: ClientResult) -> None:
+    """Raise ``ClientError`` when a result claims more training examples than the client has (the
+    server knows each client's count from registration; an inflated count would buy its update a
+    larger weight in the mean)."""
+    if result.num_examples > info.num_train:
+        raise ClientError(f"num_examples is {result.num_examples}, but the client has {info.num_train} training examples; allowed: at most {info.num_train}")
+
+
 def model_params(model: nn.Module) -> Params:
     """The model's state as Params (detached copies, buffers included)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

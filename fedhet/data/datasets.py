@@ -125,6 +125,10 @@ def digits(*, root: str | None = None, seed: int = 0, test_fraction: float = 0.2
 # ------------------------------------------------------------------------------------- synthetic
 
 
+#: the most numbers a synthetic dataset holds (num_samples * num_features): 8 GB while it is drawn
+SYNTHETIC_MAX_VALUES = 10**9
+
+
 @DATASETS.register("synthetic")
 def synthetic(
     *,
@@ -163,6 +167,8 @@ def synthetic(
     # Stratified splitting needs at least one example of every class on each side.
     need = max(2 * num_classes, int(np.ceil(num_classes / min(test_fraction, 1 - test_fraction))))
     num_samples = integer("num_samples", num_samples, minimum=need)
+    if num_samples * num_features > SYNTHETIC_MAX_VALUES:
+        raise fail("num_samples", num_samples, f"num_samples * num_features <= {SYNTHETIC_MAX_VALUES:.0e} (num_features is {num_features})")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= float(noise) < float("inf"):
         raise fail("noise", noise, ">= 0")
 

@@ -18,6 +18,16 @@ def read_rows(
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{field}: {p} not found")
+    try:
+        rows, columns = _read(p, field, what)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{field}: {p} cannot be read ({err}); allowed: a UTF-8 .csv or .json file") from None
+    if not rows:
+        raise ValueError(f"{field}: {p} has no rows")
+    return p, rows, columns
+
+
+def _read(p: Path, field: str, what: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     suffix = p.suffix.lower()
     if suffix == ".json":
         try:
@@ -33,6 +43,4 @@ def read_rows(
             rows, columns = list(reader), tuple(reader.fieldnames or ())
     else:
         raise ValueError(f"{field}: {p} must be a .csv or .json file")
-    if not rows:
-        raise ValueError(f"{field}: {p} has no rows")
-    return p, rows, columns
+    return rows, columns

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from fedhet.aggregation.robust import RobustRule
 from fedhet.core.messages import ModelSize
 from fedhet.core.registry import ALGORITHMS
 from fedhet.devices import Availability, parse_tiers
@@ -20,6 +23,7 @@ from fedhet.devices.fleet import Fleet, resolve_policy
 from fedhet.experiment.config import ConfigError, ExperimentConfig, parse_value
 from fedhet.selection.base import ClientSelector
 from fedhet.server_opt import build_server_optimizer
+from fedhet.simulation.attacks import Attack
 from fedhet.simulation.executors import Executor, SequentialExecutor
 from fedhet.simulation.loop import Run
 from fedhet.simulation.store import ClientStore, make_store
@@ -31,7 +35,10 @@ def _error(err: Exception) -> ConfigError:
     """A config error in one line (a multi-line message, such as a list of folders searched, is
     joined with "; ")."""
     msg = str(err.args[0]) if err.args else str(err)
-    return ConfigError("; ".join(part.strip(" -") for part in msg.splitlines() if part.strip()))
+    out = ""
+    for part in (p.strip(" -") for p in msg.splitlines() if p.strip()):
+        out += part if not out else (" " if out.endswith(":") else "; ") + part  # "Looked in: a; b"
+    return ConfigError(out)
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Any:
@@ -84,6 +91,12 @@ def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
                 f"selection.{key}: got {getattr(sel, key)!r}, but selection {sel.name!r} does not use it; allowed: unset"
             )
     options = {k: getattr(sel, k) for k in uses if getattr(sel, k) is not None}
+    own = _keywords(factory, exclude={"clients_per_round", "fraction", "num_clients", *SELECTION_KEYS})
+    for key in sel.options:
+        if own is not None and key not in own:
+            raise ConfigError(
+                f"selection.options.{key}: unknown option of selection {sel.name!r}; allowed: {', '.join(sorted(own)) or 'none'}"
+            )
     per_round, fraction = sel.clients_per_round, sel.fraction
     target = round_target(cfg, num_clients)
     if target is not None:  # over-commitment: select more than the round aggregates
@@ -95,6 +108,18 @@ def build_selector(cfg: ExperimentConfig, num_clients: int) -> ClientSelector:
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise _error(err) from None
+
+
+def _keywords(fn: Any, exclude: set[str]) -> set[str] | None:
+    """The keyword arguments ``fn`` takes, less ``exclude``; None when it takes any (``**kwargs``) or
+    its signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - exclude
 
 
 def round_target(cfg: ExperimentConfig, num_clients: int) -> int | None:
@@ -287,7 +312,17 @@ def load_federated(cfg: ExperimentConfig) -> Any:
             rotate_degrees=cfg.data.rotate_degrees,
             **cfg.data.partitioner_options(),
         )
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except TypeError as err:
+        found = _error(err)
+        raise ConfigError(f"data.options: {found}" if str(found).startswith("dataset ") else str(found)) from None
+    except FileNotFoundError as err:
+        found = _error(err)
+        if re.match(r"^[a-z_]+(\.[a-z_]+)+:", str(found)):  # names its own field (data.path, ...)
+            raise found from None
+        root = cfg.data.root if cfg.data.root is not None else os.environ.get("FEDHET_DATA")
+        given = repr(root) if root is not None else "unset (~/.cache/fedhet/data)"
+        raise ConfigError(f"data.root: got {given}: {found}") from None
+    except (ValueError, ImportError) as err:
         raise _error(err) from None
 
 
@@ -305,9 +340,23 @@ def _driver_device(cfg: ExperimentConfig) -> str | None:
     return None if torch.cuda.is_available() else "cpu"
 
 
+def build_attack(cfg: ExperimentConfig, fed: Any) -> tuple[Attack | None, frozenset[int]]:
+    """The simulated attack of ``adversaries`` and the clients that carry it out (none when the
+    fraction is 0)."""
+    adv = cfg.adversaries
+    if adv.fraction == 0:
+        return None, frozenset()
+    attack = Attack(**adv.model_dump())
+    kind = fed.task.kind
+    if attack.kind == "label_flip" and kind != "classification":
+        raise ConfigError(f"adversaries.kind: got 'label_flip', but {cfg.data.dataset} is a {kind} task; allowed: label_flip with classification tasks")
+    return attack, attack.choose(fed.num_clients, cfg.seed)
+
+
 def build_world(cfg: ExperimentConfig, fed: Any, device: str | None = None) -> ClientWorld:
     """The client world of ``cfg`` over the federated data ``fed`` (a misspelt model option fails
     here, before any training)."""
+    attack, attackers = build_attack(cfg, fed)
     world = ClientWorld(
         fed,
         cfg.model.name,
@@ -315,6 +364,8 @@ def build_world(cfg: ExperimentConfig, fed: Any, device: str | None = None) -> C
         cfg.seed,
         device or resolve_device(cfg.runtime.device),
         upload_levels=cfg.communication.levels,
+        attack=attack,
+        attackers=attackers,
     )
     try:
         world.build_model(ModelSize().as_config())
@@ -335,10 +386,20 @@ class WorldFromConfig:
         return build_world(cfg, load_federated(cfg), device="cpu")
 
 
+def check_executor(cfg: ExperimentConfig, num_clients: int) -> None:
+    """The executor settings that can be checked without starting its workers."""
+    rt = cfg.runtime
+    workers = rt.ray.workers or rt.workers
+    if rt.executor != "sequential" and workers is not None and workers > num_clients:
+        field = "runtime.ray.workers" if rt.ray.workers else "runtime.workers"
+        raise ConfigError(f"{field}: got {workers}, but the run has {num_clients} clients; allowed: 1 to {num_clients}")
+
+
 def build_executor(cfg: ExperimentConfig, world: ClientWorld, store: Any) -> Executor:
     """The configured executor over ``world`` (starting its workers)."""
     rt = cfg.runtime
     num_clients = world.dataset.num_clients
+    check_executor(cfg, num_clients)
     if rt.executor == "parallel":
         from fedhet.simulation.parallel import ParallelExecutor
 
@@ -347,11 +408,6 @@ def build_executor(cfg: ExperimentConfig, world: ClientWorld, store: Any) -> Exe
         from fedhet.simulation.ray_executor import RayExecutor
 
         workers = rt.ray.workers or rt.workers
-        if workers is not None and workers > num_clients:
-            field = "runtime.ray.workers" if rt.ray.workers else "runtime.workers"
-            raise ConfigError(
-                f"{field}: got {workers}, but the run has {num_clients} clients; allowed: 1 to {num_clients}"
-            )
         try:
             return RayExecutor(
                 world,
@@ -409,11 +465,18 @@ def build_run(
         raise ConfigError(
             f"selection.{field}: got {value!r}, but {cfg.algorithm.name} is decentralized (every client trains every "
             f"round; its neighbours are set by the algorithm's topology); allowed: unset, fraction 1.0, or "
-            f"clients_per_round >= {fed.num_clients}"
+            f"clients_per_round = {fed.num_clients}"
         )
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     world = build_world(cfg, fed, device=_driver_device(cfg))
+    blocks = getattr(world.build_model(ModelSize().as_config()), "depth_blocks", None)  # built (and cached) above
+    depth = len(blocks()) if blocks is not None else None
+    for i, tier in enumerate(tiers):
+        if depth is not None and tier.size.depth is not None and tier.size.depth > depth:
+            raise ConfigError(
+                f"devices.tiers[{i}].depth: got {tier.size.depth} (tier {tier.name!r}), but model {cfg.model.name!r} has {depth} blocks; allowed: 1 to {depth}, or null (all)"
+            )
     if cfg.selection.overcommit != 1.0 and algorithm.decentralized:
         raise ConfigError(
             f"selection.overcommit: got {cfg.selection.overcommit!r}, but {cfg.algorithm.name} is decentralized (every client trains every round); allowed: 1.0"
@@ -447,6 +510,14 @@ def build_run(
         )
     except ValueError as err:
         raise _error(err) from None
+    if sel.clients_per_round is not None and cfg.devices.assignment == "fixed" and not clients.tiers:
+        eligible = len(fleet.eligible(fleet.infos(1)))  # those the devices and the policy let train
+        if sel.clients_per_round > eligible:
+            allowed = f"1 to {eligible}" if eligible else "devices or a devices.policy that let some client train"
+            raise ConfigError(
+                f"selection.clients_per_round: got {sel.clients_per_round}, but only {eligible} of the {fed.num_clients} "
+                f"clients can be selected (devices.policy {cfg.devices.policy!r}, their devices); allowed: {allowed}"
+            )
     selector = build_selector(cfg, fed.num_clients)
     store = make_store(cfg.runtime.store, run_dir)
     built = executor(world, store) if executor is not None else build_executor(cfg, world, store)
@@ -466,4 +537,6 @@ def build_run(
         name=cfg.name,
         clock=devices.clock if devices is not None else None,
         devices_record=devices.record if devices is not None else None,
+        aggregation=RobustRule(**cfg.aggregation.model_dump()),
+        max_failed_rounds=cfg.runtime.max_failed_rounds,
     )

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from fedhet.experiment.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, read_yaml, validate
 
-from fedhet.experiment.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, validate
+_ALLOWED = {"base": "a run config's sections", "variants": "variant name -> overrides of base"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_comparison(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> Comparison:
     """Read and validate a comparison; ``only``: the variants to keep (validated alone)."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p) or {}
     if not isinstance(data, dict) or "variants" not in data:
         raise ConfigError(f"{p}: a comparison needs 'base' and 'variants' sections")
+    for key in ("base", "variants"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{key}: got {data[key]!r}, allowed: a mapping ({_ALLOWED[key]})")
     unknown = set(data) - {"name", "base", "variants"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key in a comparison; allowed: name, base, variants")
@@ -52,6 +53,8 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None, only: 
             raise ConfigError(f"--only: unknown variant {unknown[0]!r}; allowed: {', '.join(map(str, declared))}")
         declared = {n: declared[n] for n in only}
     for vname, over in declared.items():
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"variants.{vname}: got {over!r}, allowed: a mapping of overrides of base, such as {{algorithm: {{name: fedprox}}}}")
         try:
             variants[str(vname)] = validate(_merge(base, over or {}))
         except ConfigError as err:
@@ -157,11 +160,27 @@ def width_accuracy(row: dict[str, Any]) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -float(kv[0])))
 
 
-def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None) -> list[dict[str, Any]]:
+def check_out(cmp: Comparison, out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, before anything runs, a variant's folder under ``out_dir`` that another run is
+    writing, or that holds an earlier run (unless ``overwrite``)."""
+    from fedhet.experiment.rundir import check_free, refuse_earlier_run
+
+    for vname in cmp.variants:
+        check_free(out_dir / run_dir_name(vname))
+        if not overwrite:
+            refuse_earlier_run(out_dir / run_dir_name(vname), f"--out (variant {vname!r})", resume_hint=False)
+
+
+def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run every variant into its own folder under ``out_dir``. A variant's folder that another run
+    is writing is refused, and so is one that holds an earlier run unless ``overwrite`` (checked for
+    every variant before the first starts); folders of variants not run here are left as they are."""
     from fedhet.experiment.build import build_run, load_federated
     from fedhet.experiment.logging import write_run_header
+    from fedhet.experiment.rundir import claim
     from fedhet.simulation.loop import run_rounds
 
+    check_out(cmp, out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     data_cache: dict[str, Any] = {}
@@ -172,13 +191,15 @@ def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = Non
         key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = load_federated(cfg)
-        write_run_header(run_dir, dump_config(cfg), data_cache[key])
-        t0 = time.perf_counter()
-        run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
-        try:
-            result = run_rounds(run)
-        finally:
-            run.executor.close()
+        where = f"--out (variant {vname!r})"
+        with claim(run_dir, fresh=True, overwrite=overwrite, where=where, resume_hint=False):
+            write_run_header(run_dir, dump_config(cfg), data_cache[key])
+            t0 = time.perf_counter()
+            run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
+            try:
+                result = run_rounds(run)
+            finally:
+                run.executor.close()
         rows.append(summarize(vname, result.history, time.perf_counter() - t0))
     # variants of earlier runs into the same folder stay in the summary and report (``--only``)
     summary = out_dir / "summary.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,16 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity in any number: either would only surface mid-run, as NaN weights or a hang
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # a NUL byte in a name or path fails only when the run folder or a file is opened
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError(f"got {v!r}, allowed: text without NUL characters")
+        return v
 
 
 class DataConfig(_Section):
@@ -305,6 +315,58 @@ class SelectionConfig(_Section):
         return self
 
 
+class AggregationConfig(_Section):
+    """How the server combines a round's updates: the plain mean, or a robust rule
+    (``fedhet.aggregation.robust``; with sub-models, per element over the clients holding it)."""
+
+    rule: str = Field(
+        "mean",
+        description="mean, median (coordinate-wise), trimmed_mean, krum, multi_krum or geometric_median (RFA)",
+    )
+    trim: float = Field(0.1, description="trimmed_mean: fraction of each element's values cut from each end (0 <= trim < 0.5)")
+    byzantine: int | None = Field(
+        None, description="krum, multi_krum: f, the attackers the rule is sized for (unset: floor((n - 3) / 2) of the round's n updates)"
+    )
+    select: int | None = Field(None, description="multi_krum: m, the lowest-scored updates averaged (unset: n - f)")
+    clip: float | None = Field(None, description="scale each client's update to at most this L2 norm before the rule (unset: no clipping)")
+    norm_bound: float | None = Field(
+        None,
+        description="reject (as a failure) an update whose L2 norm exceeds this times the round's median update norm (unset: no check)",
+    )
+    iterations: int = Field(10, description="geometric_median: at most this many Weiszfeld steps")
+    smoothing: float = Field(1e-6, description="geometric_median: the smallest distance a client's weight divides by")
+
+    @model_validator(mode="after")
+    def _rule(self) -> AggregationConfig:
+        from fedhet.aggregation.robust import RobustRule
+
+        RobustRule(**self.model_dump())
+        defaults = AggregationConfig.model_construct()
+        uses = {"trim": ("trimmed_mean",), "byzantine": ("krum", "multi_krum"), "select": ("multi_krum",),
+                "iterations": ("geometric_median",), "smoothing": ("geometric_median",)}  # fmt: skip
+        for key, rules in uses.items():
+            if getattr(self, key) != getattr(defaults, key) and self.rule not in rules:
+                raise ValueError(f"aggregation.{key}: got {getattr(self, key)!r}, but rule {self.rule!r} does not use it; allowed: with rule {' or '.join(rules)}")
+        return self
+
+
+class AdversariesConfig(_Section):
+    """Simulated attackers (``fedhet.simulation.attacks``): a seeded share of the clients."""
+
+    fraction: float = Field(0.0, description="share of the clients that attack (drawn once per run from the seed)")
+    kind: str = Field("sign_flip", description="sign_flip, scale, gaussian, constant (model poisoning) or label_flip (data poisoning)")
+    factor: float | None = Field(None, description="sign_flip (default 1): send θ - factor·Δ; scale (default 10): send θ + factor·Δ")
+    std: float | None = Field(None, description="gaussian: send θ + N(0, std²) per element (default 1)")
+    value: float | None = Field(None, description="constant: send this value in every element (default 1e30)")
+
+    @model_validator(mode="after")
+    def _attack(self) -> AdversariesConfig:
+        from fedhet.simulation.attacks import Attack
+
+        Attack(**self.model_dump())
+        return self
+
+
 class CommunicationConfig(_Section):
     """How uploads travel (FedPAQ's quantization)."""
 
@@ -375,8 +437,11 @@ class RuntimeConfig(_Section):
         None, ge=1, description="worker processes (parallel) or actors (ray); default: one per CPU"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    threads: int | None = Field(None, ge=1, description="torch threads of the driver and of each worker")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch threads of the driver and of each worker")
     checkpoint_every: int = Field(1, ge=1, description="write a checkpoint every this many rounds")
+    max_failed_rounds: int | None = Field(
+        None, ge=1, description="stop the run after this many rounds in a row in which no client's result could be used (unset: never)"
+    )
     store: Literal["memory", "disk"] = Field(
         "memory",
         description="where personal client state lives: in memory, or on disk under the run folder (thousands of clients)",
@@ -445,6 +510,8 @@ class ExperimentConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     communication: CommunicationConfig = Field(default_factory=CommunicationConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    adversaries: AdversariesConfig = Field(default_factory=AdversariesConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -458,6 +525,13 @@ def _known(value: str, registry: Any) -> str:
 
 def _format(err: ValidationError, data: dict[str, Any]) -> str:
     e = err.errors()[0]
+    union = _union_field(e["loc"])
+    if union is not None:  # every member of a union failed: pydantic's location names a member's type
+        loc, described = union
+        value: Any = data
+        for part in e["loc"][: len(loc.split("."))]:
+            value = value.get(part) if isinstance(value, dict) else None
+        return f"{loc}: got {value!r}, allowed: {described}"
     loc = ".".join(str(p) for p in e["loc"])
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
@@ -473,12 +547,28 @@ def _format(err: ValidationError, data: dict[str, Any]) -> str:
     return f"{loc}: got {value!r}, allowed: {msg[0].lower() + msg[1:]}"
 
 
+def _union_field(loc: tuple[Any, ...]) -> tuple[str, str] | None:
+    """The dotted name and description of the field in ``loc`` whose type is a union of several
+    types (not ``X | None``), when ``loc`` goes on past it into one of its members."""
+    model: Any = ExperimentConfig
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        members = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+        if len(members) > 1 and i + 1 < len(loc):
+            return ".".join(str(p) for p in loc[: i + 1]), field.description or " or ".join(map(str, members))
+        model = members[0] if len(members) == 1 else field.annotation
+    return None
+
+
 def _walk(model: Any, loc: tuple[Any, ...]) -> Any:
     for part in loc:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return None
-        model = field.annotation
+        members = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+        model = members[0] if len(members) == 1 else field.annotation  # a section that may be unset
     return model if hasattr(model, "model_fields") else None
 
 
@@ -505,6 +595,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, _, text = item.partition("=")
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key in {key.strip()!r}; expected dotted.key=value")
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -532,6 +624,11 @@ def validate(data: dict[str, Any]) -> ExperimentConfig:
     except ValidationError as err:
         raise ConfigError(_format(err, data)) from None
     cfg.data.partitioner_options()
+    clients, per_round = cfg.data.num_clients, cfg.selection.clients_per_round
+    if per_round is not None and per_round > clients:
+        raise ConfigError(
+            f"selection.clients_per_round: got {per_round}, but data.num_clients is {clients}; allowed: 1 to {clients} (or unset: every eligible client)"
+        )
     # the algorithm, server optimizer, tiers and policy are built once here so that every error
     # surfaces before training
     from fedhet.experiment.build import build_algorithm, build_fleet_parts
@@ -545,14 +642,41 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
-        data = loaded or {}
+        loaded = read_yaml(p)
+        if loaded is None:  # an empty file, or only comments: a typo'd path must not run every default
+            raise ConfigError(
+                f"config file {str(p)!r} is empty; allowed: a mapping of sections ({', '.join(ExperimentConfig.model_fields)}), or no file for every default"
+            )
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {str(p)!r}: got a {type(loaded).__name__} ({_short(loaded)}), allowed: a mapping of sections ({', '.join(ExperimentConfig.model_fields)})"
+            )
+        data = loaded
     return validate(apply_overrides(data, overrides or []))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in the file ``path``; ConfigError in one line when it cannot be read."""
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a file; allowed: a YAML file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); allowed: a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror or err}") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

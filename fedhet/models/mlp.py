@@ -109,6 +109,8 @@ def mlp(*, input_shape: tuple[int, ...], num_classes: int, size: ModelSize, **op
     shape = check_input_shape("mlp", input_shape)
     num_classes = positive_int("mlp", "num_classes", num_classes)
     full = positive_ints("mlp", "hidden", opts["hidden"])
+    if not full:
+        raise ValueError(f"model 'mlp': hidden must hold at least one hidden layer, got {opts['hidden']!r}")
     depth = check_depth("mlp", size.depth, len(full))
     hidden = tuple(scale_width(h, size.width) for h in full[:depth])
     return MLP(

@@ -39,6 +39,11 @@ def nonnegative(field: str, value: Any) -> float:
     return _real(field, value, f"{field} >= 0 (finite)", lambda x: x >= 0)
 
 
+def adaptivity(field: str, value: Any) -> float:
+    """τ of the adaptive optimizers: τ² starts their second moment, in float32."""
+    return _real(field, value, f"{field} > 0 and {field} <= 1e19 (its square must fit a float32)", lambda x: 0 < x <= 1e19)
+
+
 def decay(field: str, value: Any) -> float:
     """An exponential-decay rate such as β1, β2 or a momentum coefficient."""
     return _real(field, value, f"0 <= {field} < 1", lambda x: 0 <= x < 1)

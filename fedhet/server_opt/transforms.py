@@ -83,7 +83,8 @@ class Scale(GradientTransformation[EmptyState]):
     factor: float
 
     def __post_init__(self) -> None:
-        check.finite("factor", self.factor)
+        # a float: torch refuses Python ints beyond 64 bits (lr: 1000000000000000000000 in a config)
+        object.__setattr__(self, "factor", check.finite("factor", self.factor))
 
     def init(self, params: Params) -> EmptyState:
         return EmptyState()
@@ -246,7 +247,7 @@ class _ScaleByMoments(GradientTransformation[AdaptiveState]):
     def __post_init__(self) -> None:
         check.decay("b1", self.b1)
         check.decay("b2", self.b2)
-        check.positive("tau", self.tau)
+        object.__setattr__(self, "tau", check.adaptivity("tau", self.tau))
 
     @staticmethod
     def second_moment(v: torch.Tensor, g2: torch.Tensor, b2: float) -> torch.Tensor:
@@ -295,7 +296,7 @@ class ScaleByAdagrad(GradientTransformation[AdaptiveState]):
 
     def __post_init__(self) -> None:
         check.decay("b1", self.b1)
-        check.positive("tau", self.tau)
+        object.__setattr__(self, "tau", check.adaptivity("tau", self.tau))
 
     def init(self, params: Params) -> AdaptiveState:
         return _adaptive_init(params, self.tau)

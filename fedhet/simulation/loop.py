@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from fedhet import __version__
+from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.robust import RobustRule
+from fedhet.aggregation.robust import screen as robust_screen
 from fedhet.communication.quantize import encoded_nbytes
 from fedhet.core import rng
 from fedhet.core.algorithm import Algorithm, ClientStatistics, ServerSetup, load_params, trainable_names
@@ -37,7 +40,7 @@ from fedhet.experiment.config import ConfigError
 from fedhet.experiment.logging import DEVICES, Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
-from fedhet.simulation.executors import Executor
+from fedhet.simulation.executors import Executor, RoundOutcome
 from fedhet.simulation.world import ClientWorld
 from fedhet.training.local import evaluate
 
@@ -65,7 +68,15 @@ class Run:
     clock: Clock | None = None
     #: what ``devices.json`` records: each client's profile and capacity, each size's needs
     devices_record: dict[str, Any] | None = None
+    #: how the round's updates are combined (``None`` or an inactive rule: the algorithm's own mean)
+    aggregation: RobustRule | None = None
+    #: stop after this many rounds in a row with no usable client result (``None``: never)
+    max_failed_rounds: int | None = None
     _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (``runtime.max_failed_rounds`` rounds in a row had no usable result)."""
 
 
 @dataclass
@@ -249,6 +260,40 @@ def init_state(run: Run) -> Any:
         raise ConfigError(str(err)) from err
 
 
+def _robust(run: Run) -> RobustRule | None:
+    rule = run.aggregation
+    return rule if rule is not None and rule.active else None
+
+
+def accumulator(run: Run, state: Any, rnd: int) -> Accumulator:
+    """The algorithm's accumulator for the round, combining by ``run.aggregation`` where set."""
+    acc = run.algorithm.accumulator(state, rnd)
+    rule = _robust(run)
+    if rule is not None and not acc.use_rule(rule):
+        raise ConfigError(
+            f"aggregation.rule: got {rule.rule!r} (clip {rule.clip}, norm_bound {rule.norm_bound}), but {run.algorithm.name} "
+            "has no robust aggregation; allowed: the default mean without clip or norm_bound, or an algorithm of the FedAvg "
+            "family or a sub-model method (fedavg, fedprox, feddyn, heterofl, fjord, splitmix, depthfl, inclusivefl, pfedmoe)"
+        )
+    return acc
+
+
+def screen_round(run: Run, rnd: int, outcome: RoundOutcome) -> None:
+    """Apply the robust rule's screen (``aggregation.norm_bound``) to the round's results: each
+    rejected client becomes a failure with the reason, and its update leaves the accumulator."""
+    rule = _robust(run)
+    if rule is None:
+        return
+    rejected = robust_screen(outcome.acc.kept_updates(), rule)
+    if not rejected:
+        return
+    outcome.acc.reject(rejected)
+    for cid, reason in rejected.items():
+        outcome.metrics.pop(cid, None)
+        outcome.failures[cid] = f"round {rnd}, client {cid}: result rejected: {reason}"
+    outcome.failures = {c: outcome.failures[c] for c in sorted(outcome.failures)}
+
+
 def run_rounds(run: Run, resume: bool = False) -> RunResult:
     alg = run.algorithm
     start = 1
@@ -277,8 +322,10 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             flush=True,
             file=sys.stderr,
         )
+    accumulator(run, state, start)  # an algorithm without robust aggregation refuses a rule before training
     log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
     progress = Progress(run.rounds, start, run.name, run.progress)
+    failed_in_a_row = 0
     try:
         for rnd in range(start, run.rounds + 1):
             t0 = time.perf_counter()
@@ -324,8 +371,9 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                 late = {cid: live[cid] for cid in plan.stragglers}
                 live = {cid: live[cid] for cid in plan.on_time}
                 if late:  # stragglers train (their devices' state moves on); their updates are never aggregated
-                    late_outcome = run.executor.train(alg, late, by_id, alg.accumulator(state, rnd))
-            outcome = run.executor.train(alg, live, by_id, alg.accumulator(state, rnd))
+                    late_outcome = run.executor.train(alg, late, by_id, accumulator(run, state, rnd))
+            outcome = run.executor.train(alg, live, by_id, accumulator(run, state, rnd))
+            screen_round(run, rnd, outcome)
             state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
             sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
 
@@ -377,6 +425,11 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                 client_rows.append(crow)
             row["trained"] = len(outcome.metrics)
             row["failures"] = len(outcome.failures)
+            if run.world.attackers:
+                row["adversaries"] = sum(1 for cid in outcome.metrics if cid in run.world.attackers)
+                for crow in client_rows:
+                    if crow["client"] in run.world.attackers:
+                        crow["adversary"] = True
             row["train_loss"] = loss_sum / total_examples if total_examples else None
             row["bytes_down"] = sum(r.get("bytes_down", 0) for r in client_rows) + probed["down"]
             row["bytes_up"] = sum(outcome.bytes_up.values()) + probed["up"]
@@ -400,6 +453,15 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             row["seconds"] = time.perf_counter() - t0
             for err in outcome.failures.values():
                 print(f"warning: client left out of the round: {err}", flush=True, file=sys.stderr)
+            failed_round = bool(outcome.failures) and not outcome.metrics
+            failed_in_a_row = failed_in_a_row + 1 if failed_round else 0
+            if failed_round:
+                print(
+                    f"warning: round {rnd}: all {len(outcome.failures)} clients that reported failed; "
+                    f"the global model is unchanged ({failed_in_a_row} such round(s) in a row)",
+                    flush=True,
+                    file=sys.stderr,
+                )
             log.log_round(row, client_rows)
             if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
                 save_checkpoint(
@@ -416,6 +478,12 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             progress.update(rnd, row)
             if run.on_round is not None:
                 run.on_round(rnd, row)
+            if run.max_failed_rounds is not None and failed_in_a_row >= run.max_failed_rounds:
+                last = next(iter(outcome.failures.values()))
+                raise RunStopped(
+                    f"runtime.max_failed_rounds: {failed_in_a_row} rounds in a row (to round {rnd}) had no usable client "
+                    f"result; the run stops (--resume continues it from its last checkpoint). One of the last errors: {last}"
+                )
     finally:
         progress.close()
     return RunResult(params=alg.global_params(state), state=state, history=log.rows, run_dir=run.run_dir)

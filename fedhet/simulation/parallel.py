@@ -28,12 +28,22 @@ out of memory) closes its pipe: the main process sees the end of file, stops the
 raises a ``RuntimeError`` naming the worker and the clients it held. Exceptions inside a client's
 ``local_update`` never reach this far: ``run_train`` turns them into the client's failure.
 
+Workers never outlive the main process. The end of file on a worker's pipe stops it between
+requests, but a worker in the middle of a long share would only see it once the share is done; so
+each worker also ends itself as soon as the main process has gone, however it went (``kill -9``
+included): on Linux the kernel sends it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``, set when
+the executor is created on the main thread, since the signal follows the thread that started the
+worker), and on every system a watchdog thread in the worker exits it within half a second of its
+parent process changing (``getppid``). Both hold for forked and spawned workers.
+
 Workers run on the CPU only. With ``spawn`` (non-Linux systems) the usual ``multiprocessing`` rule
 applies: the script that starts a run must guard its entry point with ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import multiprocessing as mp
 import os
@@ -41,6 +51,8 @@ import pickle
 import signal
 import struct
 import sys
+import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
@@ -151,8 +163,32 @@ def _send(conn: Connection, obj: Any) -> None:
 
 # ---------------------------------------------------------------------------------------- worker
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+#: how often a worker's watchdog checks that the main process is still its parent (seconds)
+WATCH_S = 0.5
 
-def _worker_main(index: int, conn: Connection, world: ClientWorld, inherited: list[Connection]) -> None:
+
+def _end_with_parent(parent: int, deathsig: bool) -> None:
+    """End this process when ``parent`` (the main process) ends, however it ends."""
+    if deathsig and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        os._exit(1)  # orphaned: nobody is left to read this worker's results
+
+    if os.getppid() != parent:  # the main process ended before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="fedhet-worker-watchdog", daemon=True).start()
+
+
+def _worker_main(
+    index: int, conn: Connection, world: ClientWorld, inherited: list[Connection], parent: int = 0, deathsig: bool = False
+) -> None:
+    if parent:
+        _end_with_parent(parent, deathsig)
     # A forked worker holds copies of the main process's ends of the earlier workers' pipes; closing
     # them lets each of those workers see the end of file when the main process goes away.
     for other in inherited:
@@ -190,12 +226,14 @@ class _Workers:
         self.conns: list[Connection] = []
         self.closed = False
         fork = ctx.get_start_method() == "fork"
+        # the kernel's parent-death signal follows the starting thread: only the main thread's lasts the run
+        deathsig = threading.current_thread() is threading.main_thread()
         try:
             for i in range(count):
                 parent, child = ctx.Pipe(duplex=True)
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(i, child, world, list(self.conns) if fork else []),
+                    args=(i, child, world, list(self.conns) if fork else [], os.getpid(), deathsig),
                     name=f"fedhet-worker-{i}",
                     daemon=True,
                 )

@@ -31,7 +31,10 @@ holding the run's ``ClientWorld`` (the clients' data and a model per config) for
   a local Ray on 127.0.0.1 only) or connects to a cluster (``auto`` or ``HOST:PORT``); ``close``
   kills its actors and shuts down what it started (a local Ray's processes end; a cluster is only
   disconnected from). A Ray that was already initialized in this process is used as it is and left
-  running.
+  running. A local Ray the executor started never outlives the driver: its head processes end with
+  the driver through the kernel (Ray's own fate sharing), its workers with the raylet, and on Linux
+  a small watcher process (``fedhet.simulation.ray_reaper``) ends Ray's agents as soon as the
+  driver has died, however it died (``kill -9`` included).
 
 Actors run with ``max(1, int(cpus_per_worker))`` intra-op threads: with one (the default) their
 results are the same bits as the sequential executor's in a one-thread process.
@@ -46,6 +49,7 @@ import os
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import traceback
@@ -162,6 +166,7 @@ def _init(ray: Any, address: str | None, num_cpus: float, runtime_env: dict[str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notice about GPU environment variables
         if address is None:
+            before = _child_pids()
             with _loopback_only(ray):
                 ray.init(
                     address="local",
@@ -171,6 +176,7 @@ def _init(ray: Any, address: str | None, num_cpus: float, runtime_env: dict[str,
                     logging_level=logging.WARNING,
                     runtime_env=runtime_env,
                 )
+            _start_reaper(sorted(_child_pids() - before))
             return True
         if address != "auto":
             _check_address(address)
@@ -182,6 +188,57 @@ def _init(ray: Any, address: str | None, num_cpus: float, runtime_env: dict[str,
                 "running cluster's head node, auto (a cluster started on this machine with `ray start --head`), or unset for a local Ray"
             ) from None
     return True
+
+
+def _child_pids() -> set[int]:
+    """This process's child processes (Linux; elsewhere the empty set)."""
+    out: set[int] = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out.update(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+#: the watcher of the local Ray this process started (``fedhet.simulation.ray_reaper``)
+_reaper: subprocess.Popen | None = None
+
+
+def _start_reaper(heads: list[int]) -> None:
+    """Start the watcher that ends the local Ray's processes (``heads`` and their descendants) if
+    this process dies without shutting Ray down (Linux)."""
+    global _reaper
+    _stop_reaper()
+    if not heads or not sys.platform.startswith("linux"):
+        return
+    from fedhet.simulation import ray_reaper
+
+    _reaper = subprocess.Popen(
+        [sys.executable, "-I", os.path.abspath(ray_reaper.__file__), str(os.getpid()), *map(str, heads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_reaper() -> None:
+    """Tell the watcher that Ray was shut down, and wait for it to exit."""
+    global _reaper
+    reaper, _reaper = _reaper, None
+    if reaper is None:
+        return
+    assert reaper.stdin is not None
+    with contextlib.suppress(OSError):
+        reaper.stdin.write(b"stop\n")
+    with contextlib.suppress(OSError):
+        reaper.stdin.close()
+    try:
+        reaper.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+        reaper.wait()
 
 
 # --------------------------------------------------------------------------------------- actors
@@ -296,6 +353,7 @@ class _Pool:
         self.actors = []
         if self.connected:
             ray.shutdown()
+            _stop_reaper()
 
 
 class RayExecutor(ShardedExecutor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,12 @@ class DiskStore(ClientStore):
     so thousands of registered clients cost no more memory than the few of a round.
 
     ``put`` writes a new version atomically (a temporary file, then ``os.replace``) and drops the
-    client's previous version unless the last checkpoint refers to it. ``snapshot`` (taken with every
-    checkpoint) is the manifest; ``restore`` returns to it and deletes versions written after it, so
-    a resumed run reads exactly the states the checkpoint saw and gives the same bits as an
-    uninterrupted one.
+    client's previous version unless one of the last two checkpoints refers to it (the run folder
+    keeps the checkpoint before the latest, and a run may resume from either). ``snapshot`` (taken
+    with every checkpoint) is the manifest; ``restore`` returns to it and deletes versions written
+    after it, so a resumed run reads exactly the states the checkpoint saw and gives the same bits as
+    an uninterrupted one. Older versions a restore finds are kept until the next snapshot (they may
+    be the previous checkpoint's).
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -80,6 +83,7 @@ class DiskStore(ClientStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self._manifest: dict[int, int] = {}
         self._pinned: dict[int, int] = {}  # the manifest of the last snapshot
+        self._older: set[tuple[int, int]] = set()  # (client, version) of the snapshot before it
         self._counter = 0
 
     def _path(self, cid: int, version: int) -> Path:
@@ -104,7 +108,7 @@ class DiskStore(ClientStore):
             self._manifest[cid] = self._counter
         else:
             self._manifest.pop(cid, None)
-        if old is not None and self._pinned.get(cid) != old:
+        if old is not None and self._pinned.get(cid) != old and (cid, old) not in self._older:
             self._path(cid, old).unlink(missing_ok=True)
 
     def __len__(self) -> int:
@@ -114,9 +118,10 @@ class DiskStore(ClientStore):
         return sorted(self._manifest)
 
     def snapshot(self) -> dict[str, Any]:
-        for cid, version in self._pinned.items():
-            if self._manifest.get(cid) != version:  # superseded since the previous checkpoint
-                self._path(cid, version).unlink(missing_ok=True)
+        keep = set(self._manifest.items()) | set(self._pinned.items())
+        for cid, version in self._older - keep:  # referred to by no checkpoint on disk any more
+            self._path(cid, version).unlink(missing_ok=True)
+        self._older = set(self._pinned.items()) - set(self._manifest.items())
         self._pinned = dict(self._manifest)
         return {DISK: str(self.root), "manifest": dict(self._manifest), "counter": self._counter}
 
@@ -129,10 +134,16 @@ class DiskStore(ClientStore):
         self._manifest = {int(c): int(v) for c, v in snapshot["manifest"].items()}
         self._pinned = dict(self._manifest)
         self._counter = int(snapshot["counter"])
-        keep = {self._path(c, v).name for c, v in self._manifest.items()}
+        self._older = set()
         for path in self.root.glob("client*.pt"):
-            if path.name not in keep:
+            found = _VERSION.fullmatch(path.name)
+            if found is None:
+                continue
+            cid, version = int(found[1]), int(found[2])
+            if version > self._counter:  # written after the checkpoint
                 path.unlink()
+            elif self._manifest.get(cid) != version:
+                self._older.add((cid, version))
         for path in self.root.glob("client*.tmp"):
             path.unlink()
         missing = [c for c, v in self._manifest.items() if not self._path(c, v).exists()]
@@ -142,6 +153,7 @@ class DiskStore(ClientStore):
 
 #: marks a disk store's snapshot
 DISK = "disk_store"
+_VERSION = re.compile(r"client(-?\d+)\.v(\d+)\.pt")
 
 STORES = ("memory", "disk")
 

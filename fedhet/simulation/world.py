@@ -16,7 +16,7 @@ from torch import nn
 
 from fedhet.communication.upload import PackedUpload, pack_upload, unpack_upload
 from fedhet.core import rng
-from fedhet.core.algorithm import Algorithm, model_params
+from fedhet.core.algorithm import Algorithm, check_examples, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
@@ -24,6 +24,7 @@ from fedhet.data.federated import FederatedDataset
 from fedhet.models import build_model
 from fedhet.models.ensemble import Ensemble
 from fedhet.models.moe import MixtureOfExperts
+from fedhet.simulation.attacks import Attack
 
 SIZE_KEYS = ("width", "depth", "density")
 
@@ -38,6 +39,9 @@ class ClientWorld:
     device: str = "cpu"
     #: FedPAQ: quantize every upload with this many levels (None: send it as it is)
     upload_levels: int | None = None
+    #: what the simulated attackers do (``fedhet.simulation.attacks``), and which clients they are
+    attack: Attack | None = None
+    attackers: frozenset[int] = frozenset()
     _models: dict[ConfigKey, nn.Module] = field(default_factory=dict, repr=False)
     _initial: dict[ConfigKey, Params] = field(default_factory=dict, repr=False)
 
@@ -158,10 +162,15 @@ def run_train(
     of the round with its error, and its store unchanged."""
     try:
         ctx = world.context(info, task.round, store)
+        attack = world.attack if info.id in world.attackers else None
+        if attack is not None:
+            ctx = replace(ctx, train=attack.poison_data(ctx.train, world.dataset.num_classes))
         # draws from torch's global generator inside the model (dropout) are keyed like every other
         # draw, so a client's result does not depend on what ran before it in this process
         with rng.seeded(world.seed, "global", "train", task.round, info.id):
             result = algorithm.local_update(task, ctx)
+        if attack is not None:
+            result = attack.poison_result(task, result, world.seed, info.id)
         result = ClientResult(
             params={k: v.detach().cpu() for k, v in result.params.items()},
             num_examples=result.num_examples,
@@ -169,6 +178,7 @@ def run_train(
             extras={k: v.detach().cpu() for k, v in result.extras.items()},
         )
         algorithm.validate_result(task, result)
+        check_examples(info, result)
         nbytes, packed = None, None
         if world.upload_levels is not None:
             gen = rng.generator(world.seed, "quantize", task.round, info.id)

@@ -20,11 +20,12 @@ that hold it and leave elements no client holds unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
+from fedhet.aggregation import robust
 from fedhet.aggregation.base import Accumulator
 from fedhet.core.messages import ClientResult, ClientTask
 from fedhet.core.types import Params
@@ -338,20 +339,46 @@ class CoverageSum(Accumulator):
     elsewhere. The client's spec comes from ``spec_of(task)``; ``contribute_of(task)``, when given,
     returns boolean client-shaped masks of the elements a client contributes (HeteroFL's classifier
     rows of the labels a client has); elements outside it are treated as not held.
+
+    With a robust rule (``use_rule``) it keeps each client's update on the elements it holds, and
+    ``mean`` is the rule's combination, per element over the clients holding it
+    (``fedhet.aggregation.robust``); ``weights`` still sums the holders' weights per element.
     """
 
-    def __init__(self, spec_of, weighting: str = "uniform", contribute_of=None) -> None:  # noqa: ANN001
+    def __init__(self, spec_of, weighting: str = "uniform", contribute_of=None, rule: robust.RobustRule | None = None) -> None:  # noqa: ANN001
         if weighting not in ("uniform", "examples"):
             raise ValueError(f"weighting: got {weighting!r}, allowed: uniform, examples")
         self.spec_of = spec_of
         self.contribute_of = contribute_of
         self.weighting = weighting
+        self.rule = rule if rule is not None and rule.active else None
+        self.kept: dict[int, robust.ClientUpdate] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.count = 0
 
     def empty(self) -> CoverageSum:
-        return CoverageSum(self.spec_of, self.weighting, self.contribute_of)
+        return CoverageSum(self.spec_of, self.weighting, self.contribute_of, self.rule)
+
+    def use_rule(self, rule: robust.RobustRule) -> bool:
+        self.rule = rule if rule.active else None
+        return True
+
+    def kept_updates(self) -> dict[int, robust.ClientUpdate]:
+        return self.kept
+
+    def reject(self, cids: Collection[int]) -> None:
+        for cid in cids:
+            if self.kept.pop(cid, None) is not None:
+                self.count -= 1
+        # the holders' weights, summed again over the clients kept (small integer sums: exact)
+        self.weights = {}
+        for update in self.kept.values():
+            for name in update.delta:
+                _, held = update.full(name)
+                if name not in self.weights:
+                    self.weights[name] = torch.zeros(update.shapes[name], dtype=torch.float64)
+                self.weights[name] += held.to(torch.float64) * update.weight
 
     def add_spec(
         self,
@@ -368,9 +395,7 @@ class CoverageSum(Accumulator):
             if name not in self.sums:
                 self.sums[name] = torch.zeros(shape, dtype=torch.float64)
                 self.weights[name] = torch.zeros(shape, dtype=torch.float64)
-            held = part.mask
-            if contribute is not None and name in contribute:
-                held = contribute[name] if held is None else held & contribute[name]
+            held = _held(part.mask, contribute.get(name) if contribute is not None else None)
             if held is None:
                 part.add_into(self.sums[name], value.to(torch.float64) * weight)
                 part.add_into(self.weights[name], float(weight))
@@ -383,10 +408,23 @@ class CoverageSum(Accumulator):
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0
         contribute = self.contribute_of(task) if self.contribute_of is not None else None
-        self.add_spec(self.spec_of(task), result.params, weight, contribute)
+        spec = self.spec_of(task)
+        if self.rule is not None:
+            held = {n: _held(p.mask, contribute.get(n) if contribute is not None else None) for n, p in spec.parts.items()}
+            update = robust.make_update(cid, weight, result.params, task.params, spec.global_shapes, spec.parts, held)
+            self.kept[cid] = update
+            self.count += 1
+            for name in update.delta:
+                _, mask = update.full(name)
+                if name not in self.weights:
+                    self.weights[name] = torch.zeros(update.shapes[name], dtype=torch.float64)
+                self.weights[name] += mask.to(torch.float64) * weight
+            return
+        self.add_spec(spec, result.params, weight, contribute)
 
     def merge(self, other: Accumulator) -> None:
         assert isinstance(other, CoverageSum)
+        self.kept.update(other.kept)
         for name, value in other.sums.items():
             if name in self.sums:
                 self.sums[name] += value
@@ -398,7 +436,10 @@ class CoverageSum(Accumulator):
 
     def mean(self, reference: Mapping[str, torch.Tensor]) -> Params:
         """Per element: the weighted mean over the clients holding it, or the reference value where
-        none does. Integer entries are rounded; dtypes and devices follow ``reference``."""
+        none does. Integer entries are rounded; dtypes and devices follow ``reference``. With a robust
+        rule: ``reference`` moved by the rule's combination of the kept updates."""
+        if self.rule is not None:
+            return robust.apply(reference, *robust.combine(list(self.kept.values()), self.rule))
         out: Params = {}
         for name, ref in reference.items():
             if name not in self.sums:
@@ -414,6 +455,13 @@ class CoverageSum(Accumulator):
     def covered(self) -> dict[str, torch.Tensor]:
         """Per entry, the elements some client held this round."""
         return {n: w > 0 for n, w in self.weights.items()}
+
+
+def _held(mask: torch.Tensor | None, contribute: torch.Tensor | None) -> torch.Tensor | None:
+    """The elements of a part a client contributes: its mask and its ``contribute`` mask."""
+    if mask is None:
+        return contribute
+    return mask if contribute is None else mask & contribute
 
 
 def coverage_mean(

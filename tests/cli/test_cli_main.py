@@ -87,7 +87,7 @@ def test_describe_unknown_name_exits_2_with_allowed_names(capsys):
         # caught when the dataset is loaded (build_run), which must still come before the run directory
         (
             ["data.dataset=synthetic", "data.options={num_samplez: 30}"],
-            "fedhet: config error: dataset 'synthetic': unknown option 'num_samplez'",
+            "fedhet: config error: data.options: dataset 'synthetic': unknown option 'num_samplez'",
         ),
     ],
 )

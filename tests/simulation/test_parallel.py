@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interrupted
 from executor_cases import (  # noqa: F401  (one_thread: an autouse fixture)
     ALGORITHMS,
     FailsOnClient,
@@ -20,9 +21,12 @@ from executor_cases import (  # noqa: F401  (one_thread: an autouse fixture)
     finish,
     make_run,
     one_thread,
+    run_overrides,
 )
 
 from fedhet.core.messages import ClientTask
+from fedhet.experiment.build import build_run
+from fedhet.experiment.config import load_config
 from fedhet.simulation import parallel
 from fedhet.simulation.loop import run_rounds
 from fedhet.simulation.parallel import ParallelExecutor, split_clients
@@ -209,3 +213,21 @@ def test_probing_selectors_give_the_same_bits_on_the_parallel_executor(tmp_path:
     assert_same_tensors(seq.params, par.params, "global params")
     assert comparable(seq.history) == comparable(par.history)
     assert all(row["probe_bytes_down"] > 0 for row in seq.history[:1])
+
+
+@pytest.mark.parametrize("first, then", [("sequential", "parallel"), ("parallel", "sequential")])
+def test_a_run_resumed_on_another_executor_gives_the_bits_of_an_uninterrupted_one(tmp_path: Path, first: str, then: str) -> None:
+    straight_run = make_run(tmp_path / "straight", "sequential", "feddyn")
+    straight = finish(straight_run)
+    stopped = make_run(tmp_path / "stopped", first, "feddyn")
+    with deadline(60), stopped.executor:
+        run_interrupted(stopped, at=2)
+    # the same run directory, continued on the other executor
+    again = build_run(load_config(None, run_overrides(then, "feddyn")), stopped.run_dir)
+    with deadline(60), again.executor:
+        resumed = run_rounds(again, resume=True)
+    assert [row["round"] for row in resumed.history] == [1, 2, 3]
+    assert_same_tensors(straight.params, resumed.params, "global params")
+    assert_same_tensors(straight_run.executor.store.snapshot(), again.executor.store.snapshot(), "store")
+    assert len(again.executor.store.snapshot()) == 7  # FedDyn's per-client state crossed executors
+    assert comparable(straight.history) == comparable(resumed.history)

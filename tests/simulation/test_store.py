@@ -29,7 +29,7 @@ def test_disk_store_round_trip_and_copies(tmp_path):
     assert store.get(3) == {} and len(store) == 0 and _files(store) == []
 
 
-def test_versions_are_dropped_unless_a_checkpoint_refers_to_them(tmp_path):
+def test_versions_are_dropped_unless_one_of_the_last_two_checkpoints_refers_to_them(tmp_path):
     store = DiskStore(tmp_path / "s")
     store.put(1, {"a": 1})
     store.put(1, {"a": 2})
@@ -41,7 +41,36 @@ def test_versions_are_dropped_unless_a_checkpoint_refers_to_them(tmp_path):
     store.put(1, {"a": 4})
     assert _files(store) == ["client1.v2.pt", "client1.v4.pt"]
     store.snapshot()
-    assert _files(store) == ["client1.v4.pt"]
+    assert _files(store) == ["client1.v2.pt", "client1.v4.pt"]  # v2 is now the previous checkpoint's
+    store.put(1, {"a": 5})
+    store.put(1, {"a": 6})
+    assert _files(store) == ["client1.v2.pt", "client1.v4.pt", "client1.v6.pt"]
+    store.snapshot()
+    assert _files(store) == ["client1.v4.pt", "client1.v6.pt"]
+
+
+def test_restore_of_the_previous_checkpoint_finds_its_files(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    store.put(1, {"a": 1})
+    store.put(2, {"b": 1})
+    before = store.snapshot()
+    store.put(1, {"a": 2})
+    latest = store.snapshot()
+    store.put(2, {"b": 2})  # a round after the latest checkpoint
+
+    again = DiskStore(tmp_path / "s")  # a new process resumes from the latest checkpoint ...
+    again.restore(latest)
+    assert again.get(1) == {"a": 2} and again.get(2) == {"b": 1}
+    assert _files(again) == ["client1.v1.pt", "client1.v3.pt", "client2.v2.pt"]  # v1: the previous checkpoint's
+    other = DiskStore(tmp_path / "s")  # ... or from the one before it
+    other.restore(before)
+    assert other.get(1) == {"a": 1} and other.get(2) == {"b": 1}
+    assert _files(other) == ["client1.v1.pt", "client2.v2.pt"]
+    other.put(1, {"a": 9})
+    other.snapshot()
+    other.put(1, {"a": 10})
+    other.snapshot()
+    assert _files(other) == ["client1.v3.pt", "client1.v4.pt", "client2.v2.pt"]
 
 
 def test_restore_returns_to_the_checkpoint_and_deletes_later_writes(tmp_path):

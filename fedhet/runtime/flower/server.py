@@ -27,7 +27,7 @@ import torch
 
 from fedhet.aggregation.base import Accumulator
 from fedhet.communication.upload import unpack_upload
-from fedhet.core.algorithm import Algorithm, ClientError
+from fedhet.core.algorithm import Algorithm, ClientError, check_examples
 from fedhet.core.messages import ClientInfo, ClientTask, ModelSize
 from fedhet.core.types import Metrics
 from fedhet.runtime.codec import CodecError, NodeReport, Reply, Request, decode_reply, encode_request
@@ -153,6 +153,7 @@ class FlowerExecutor(Executor):
                 elif self.world.upload_levels is not None:
                     raise ClientError(f"a dense upload; allowed: one quantized with communication.levels={self.world.upload_levels}")
                 algorithm.validate_result(task, result)
+                check_examples(infos[cid], result)
             except Exception as err:  # noqa: BLE001 (a node's upload must fail only that client)
                 return ClientOutcome(cid, None, f"round {task.round}, client {cid}: result refused: {type(err).__name__}: {err}", None)
             return ClientOutcome(cid, result, None, {STATE_ROUND: task.round}, upload_bytes)
