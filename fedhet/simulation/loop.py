@@ -305,7 +305,9 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
         sel_state = checkpoint["selector_state"]
         run.executor.store.restore(checkpoint["store"])
         now = float(checkpoint.get("sim_time", 0.0))
+        failed_in_a_row = int(checkpoint.get("failed_in_a_row", 0))
     else:
+        failed_in_a_row = 0  # rounds in a row without a usable result (runtime.max_failed_rounds)
         state = init_state(run)
         sel_state = run.selector.init(run.fleet.infos(1))
         run.executor.store.reset()
@@ -325,7 +327,6 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
     accumulator(run, state, start)  # an algorithm without robust aggregation refuses a rule before training
     log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
     progress = Progress(run.rounds, start, run.name, run.progress)
-    failed_in_a_row = 0
     try:
         for rnd in range(start, run.rounds + 1):
             t0 = time.perf_counter()
@@ -472,6 +473,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                         "selector_state": sel_state,
                         "store": run.executor.store.snapshot(),
                         "sim_time": now,
+                        "failed_in_a_row": failed_in_a_row,
                         "fedhet_version": __version__,
                     },
                 )

@@ -123,6 +123,19 @@ def test_rounds_where_every_client_fails_warn_and_stop_the_run(tmp_path, capsys)
     assert "Traceback" not in "\n".join(err)
 
 
+def test_a_resumed_run_counts_failed_rounds_from_before_the_stop(tmp_path):
+    # uninterrupted: three failed rounds in a row stop the run at round 3
+    with pytest.raises(RunStopped, match="3 rounds in a row \\(to round 3\\)"):
+        _run(tmp_path, "whole", "local.lr=1e38", "runtime.max_failed_rounds=3", rounds=5)
+    # the same run stopped after round 2 and resumed: the two failed rounds before the stop still count
+    _run(tmp_path, "split", "local.lr=1e38", "runtime.max_failed_rounds=3", rounds=2)
+    again = build_run(
+        load_config(None, [*BASE, "rounds=5", "local.lr=1e38", "runtime.max_failed_rounds=3"]), tmp_path / "split"
+    )
+    with pytest.raises(RunStopped, match="3 rounds in a row \\(to round 3\\)"):
+        run_rounds(again, resume=True)
+
+
 def test_an_algorithm_without_robust_aggregation_refuses_a_rule(tmp_path):
     for name in ("qffl", "ifca"):
         with pytest.raises(
