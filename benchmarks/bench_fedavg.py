@@ -4,6 +4,17 @@ Workload: FedAvg's CNN (fedhet's ``cnn``: conv5x5-32, pool, conv5x5-64, pool, fc
 CIFAR-10, iid clients, every client in every round, 1 local epoch, batch 32, SGD lr 0.05, 3 rounds
 (round 1 is warm-up and not timed). Two settings: 20 clients x 500 examples and 100 x 100.
 
+Cross-device workload (``--workload mlp``): many phones with few examples each, where per-client
+costs dominate. An MLP 20-32-4 (fedhet's ``mlp`` with ``hidden: [32]``) on fedhet's ``synthetic``
+Gaussian mixture, about 10 training examples a client (a held-out split of about as many, for the
+evaluation configurations), 1 local epoch, batch 10, SGD lr 0.05, one intra-op thread. Settings
+2000x10 (every client every round) and 10000x10/1000 (10,000 registered clients, 1,000 a round:
+fedhet's selector draws them; the baselines a seeded sample of the same size). Two more
+configurations compare evaluation, of the initial model, with no training: ``plain_eval`` (every
+round, the global model on the test set, then on every client's held-out split: mean loss and
+accuracy, batches of 256) and ``eval`` (fedhet's evaluation round, ``evaluate_round`` with
+``eval.clients: true``, through the sequential executor).
+
 Configurations, each run in a fresh process so that its peak memory is its own:
 
 - ``plain_loop``: a hand-written FedAvg loop (load the global state, train each client one epoch
@@ -12,6 +23,8 @@ Configurations, each run in a fresh process so that its peak memory is its own:
 - ``plain_pool``: a ``multiprocessing`` pool (fork) of 2 single-threaded processes running the same
   client training, one task per client carrying the global state dict (``imap``, one client per
   task, so a slow process never holds up the others), averaging in the parent as results arrive.
+  In the cross-device workload a task is a chunk of the round's clients instead (4 chunks a
+  worker), trained one after another in the worker and returned as one partial weighted sum.
   Both baselines end by evaluating the final model on the test set, as fedhet's last round does.
 - ``sequential``: fedhet through its public API (``load_config`` / ``build_run`` / ``run_rounds``),
   sequential executor, 2 threads.
@@ -83,6 +96,8 @@ Usage::
     python benchmarks/bench_fedavg.py --data /path/to/data            # or FEDHET_DATA=/path/to/data
     python benchmarks/bench_fedavg.py --settings 20x500 --configs plain_loop,sequential
     python benchmarks/bench_fedavg.py --settings 20x500 --configs plain_pool,flower
+    python benchmarks/bench_fedavg.py --workload mlp      # cross-device: needs no data
+    python benchmarks/bench_fedavg.py --workload mlp --configs plain_eval,eval
 
 Needs Linux (``/proc`` for the memory of the process tree, ``fork`` for the pools); ``flower``
 needs ``flwr[simulation]``, ``ray`` needs Ray.
@@ -91,6 +106,7 @@ needs ``flwr[simulation]``, ``ray`` needs Ray.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,14 +117,66 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("plain_loop", "plain_pool", "sequential", "parallel", "ray", "flower")
+CONFIGS = ("plain_loop", "plain_pool", "sequential", "parallel", "ray", "flower", "plain_eval", "eval")
 RAY_CONFIGS = ("ray", "flower")  # their worker processes are started by Ray, not by this script
-SETTINGS = ("20x500", "100x100")
+EVAL_CONFIGS = ("plain_eval", "eval")  # evaluation of every client on its own split, no training
 ROUNDS = 3
 LR = 0.05
-BATCH = 32
-THREADS = 2
 WORKERS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the clients train: ``cnn`` (FedAvg's CNN on CIFAR-10, few clients with many examples)
+    or ``mlp`` (cross-device: an MLP 20-32-4 on fedhet's ``synthetic`` Gaussian mixture, thousands of
+    clients with 10 examples each, where per-client costs dominate)."""
+
+    name: str
+    batch: int
+    threads: int  # torch intra-op threads of the single-process configurations
+    settings: tuple[str, ...]  # CLIENTSxSAMPLES[/PARTICIPANTS a round]; default: every client
+    eval_batch: int = 256
+
+
+WORKLOADS = {
+    "cnn": Workload("cnn", batch=32, threads=2, settings=("20x500", "100x100")),
+    "mlp": Workload("mlp", batch=10, threads=1, settings=("2000x10", "10000x10/1000")),
+}
+#: this process's workload (``--workload``), set by ``main`` before anything is measured
+WL = WORKLOADS["cnn"]
+BATCH = WL.batch
+THREADS = WL.threads
+
+
+def use_workload(name: str) -> None:
+    global WL, BATCH, THREADS
+    WL = WORKLOADS[name]
+    BATCH, THREADS = WL.batch, WL.threads
+
+
+def parse_setting(setting: str) -> tuple[int, int, int]:
+    """``CLIENTSxSAMPLES[/PARTICIPANTS]`` -> (clients, training examples per client, clients a round)."""
+    try:
+        size, _, part = setting.partition("/")
+        clients, samples = (int(v) for v in size.split("x"))
+        participants = int(part) if part else clients
+    except ValueError:
+        raise SystemExit(f"--settings: got {setting!r}; allowed: CLIENTSxSAMPLES or CLIENTSxSAMPLES/PARTICIPANTS") from None
+    if not 0 < participants <= clients or samples < 1:
+        raise SystemExit(f"--settings: got {setting!r}; allowed: 0 < PARTICIPANTS <= CLIENTS, SAMPLES >= 1")
+    return clients, samples, participants
+
+
+def round_clients(clients: int, participants: int, rnd: int) -> list[int]:
+    """The baselines' clients of a round: all, or a seeded sample of ``participants`` (fedhet draws
+    its own sample of the same size)."""
+    if participants == clients:
+        return list(range(clients))
+    import torch
+
+    order = torch.randperm(clients, generator=torch.Generator().manual_seed(rnd))
+    return sorted(order[:participants].tolist())
+
 
 # ----------------------------------------------------------------------- first-step timestamps
 
@@ -226,20 +294,35 @@ class RoundClock:
 # ------------------------------------------------------------------------------- shared setup
 
 
-def fedhet_config(data: str, clients: int, samples: int, executor: str) -> Any:
+def fedhet_config(data: str, clients: int, samples: int, executor: str, participants: int | None = None) -> Any:
     from fedhet.experiment.config import load_config
 
+    if WL.name == "cnn":
+        workload = [
+            "data.dataset=cifar10",
+            f"data.root={data}",
+            "data.options={download: false}",
+            f"data.train_subset={clients * samples}",
+            "data.client_test_fraction=0",
+            "model.name=cnn",
+        ]
+    else:
+        # 2 x samples a client before the clients' split (half held out, for the evaluation
+        # configurations), of 80% of the dataset (the rest is the global test set)
+        workload = [
+            "data.dataset=synthetic",
+            f"data.options={{num_samples: {clients * samples * 2 * 5 // 4}}}",
+            "data.client_test_fraction=0.5",
+            "model.name=mlp",
+            "model.options={hidden: [32]}",
+            f"selection.clients_per_round={participants or clients}",
+        ]
     overrides = [
         "name=bench_fedavg",
         f"rounds={ROUNDS}",
-        "data.dataset=cifar10",
-        f"data.root={data}",
-        "data.options={download: false}",
         f"data.num_clients={clients}",
-        f"data.train_subset={clients * samples}",
         "data.partitioner=iid",
-        "data.client_test_fraction=0",
-        "model.name=cnn",
+        *workload,
         "algorithm.name=fedavg",
         "local.epochs=1",
         f"local.batch_size={BATCH}",
@@ -258,12 +341,16 @@ def fedhet_config(data: str, clients: int, samples: int, executor: str) -> Any:
 
 
 def load_clients(data: str, clients: int, samples: int) -> Any:
-    """The federated CIFAR-10 split every configuration trains on (fedhet's own loader)."""
+    """The federated split every configuration trains on (fedhet's own loader)."""
     from fedhet.experiment.build import load_federated
 
     fed = load_federated(fedhet_config(data, clients, samples, "sequential"))
     sizes = {len(d) for d in fed.clients_train}
-    assert sizes == {samples}, f"expected {samples} examples per client, got sizes {sorted(sizes)}"
+    if WL.name == "cnn":
+        assert sizes == {samples}, f"expected {samples} examples per client, got sizes {sorted(sizes)}"
+    else:  # the clients' held-out halves are drawn per class, so a client trains on about SAMPLES
+        mean = sum(len(d) for d in fed.clients_train) / clients
+        assert abs(mean - samples) < 1, f"expected about {samples} examples per client, got {mean:.2f} on average"
     return fed
 
 
@@ -273,6 +360,10 @@ def load_clients(data: str, clients: int, samples: int) -> Any:
 def plain_model() -> Any:
     import torch
     from torch import nn
+
+    if WL.name == "mlp":
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
 
     class CNN(nn.Module):
         def __init__(self) -> None:
@@ -343,7 +434,7 @@ class PlainAverage:
         return {k: v / self.total for k, v in self.sums.items()}
 
 
-def run_plain_loop(fed: Any, clock: RoundClock) -> float:
+def run_plain_loop(fed: Any, clock: RoundClock, participants: int) -> float:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -352,11 +443,37 @@ def run_plain_loop(fed: Any, clock: RoundClock) -> float:
     clock.start()
     for rnd in range(1, ROUNDS + 1):
         avg = PlainAverage()
-        for cid, d in enumerate(fed.clients_train):
+        for cid in round_clients(len(fed.clients_train), participants, rnd):
+            d = fed.clients_train[cid]
             avg.add(plain_train(model, state, d.x, d.y, seed=rnd * 100_003 + cid), len(d))
         state = avg.mean()
         clock.round_end(rnd)
     return plain_evaluate(model, state, fed.test)
+
+
+def run_plain_eval(fed: Any, clock: RoundClock) -> None:
+    """Every round: the global model on the test set, then on every client's held-out split (mean
+    loss and accuracy each, batches of 256), as fedhet's evaluation round computes them."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(THREADS)
+    model = plain_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    clock.start()
+    for rnd in range(1, ROUNDS + 1):
+        plain_evaluate(model, state, fed.test)
+        per_client = {}
+        with torch.no_grad():
+            for cid, d in enumerate(fed.clients_test):
+                loss, correct = 0.0, 0
+                for start in range(0, len(d.y), WL.eval_batch):
+                    x, y = d.x[start : start + WL.eval_batch], d.y[start : start + WL.eval_batch]
+                    out = model(x)
+                    loss += float(F.cross_entropy(out, y)) * len(y)
+                    correct += int((out.argmax(1) == y).sum())
+                per_client[cid] = (loss / len(d.y), correct / len(d.y))
+        clock.round_end(rnd)
 
 
 _POOL_DATA: Any = None
@@ -377,7 +494,17 @@ def _pool_task(args: tuple[dict[str, Any], int, int]) -> tuple[dict[str, Any], i
     return plain_train(_POOL_MODEL, state, d.x, d.y, seed=rnd * 100_003 + cid), len(d)
 
 
-def run_plain_pool(fed: Any, clock: RoundClock) -> float:
+def _pool_chunk(args: tuple[dict[str, Any], list[int], int]) -> tuple[dict[str, Any], int]:
+    """Clients ``cids`` one after another in this worker; returns their example-weighted sum."""
+    state, cids, rnd = args
+    avg = PlainAverage()
+    for cid in cids:
+        d = _POOL_DATA.clients_train[cid]
+        avg.add(plain_train(_POOL_MODEL, state, d.x, d.y, seed=rnd * 100_003 + cid), len(d))
+    return avg.sums, avg.total
+
+
+def run_plain_pool(fed: Any, clock: RoundClock, participants: int) -> float:
     import multiprocessing as mp
 
     import torch
@@ -390,9 +517,22 @@ def run_plain_pool(fed: Any, clock: RoundClock) -> float:
         clock.start(p.pid for p in pool._pool)  # type: ignore[attr-defined]
         for rnd in range(1, ROUNDS + 1):
             avg = PlainAverage()
-            tasks = [(state, cid, rnd) for cid in range(len(fed.clients_train))]
-            for client_state, n in pool.imap(_pool_task, tasks, chunksize=1):
-                avg.add(client_state, n)
+            cids = round_clients(len(fed.clients_train), participants, rnd)
+            if WL.name == "cnn":
+                tasks = [(state, cid, rnd) for cid in cids]
+                for client_state, n in pool.imap(_pool_task, tasks, chunksize=1):
+                    avg.add(client_state, n)
+            else:
+                # thousands of small clients: one task per chunk of clients (4 chunks a worker) and
+                # one partial sum back, not the model's state twice per client
+                chunks = [cids[i :: 4 * WORKERS] for i in range(4 * WORKERS)]
+                for sums, n in pool.imap(_pool_chunk, [(state, c, rnd) for c in chunks if c]):
+                    for k, v in sums.items():
+                        if k in avg.sums:
+                            avg.sums[k].add_(v)
+                        else:
+                            avg.sums[k] = v
+                    avg.total += n
             state = avg.mean()
             clock.round_end(rnd)
     return plain_evaluate(plain_model(), state, fed.test)
@@ -416,7 +556,28 @@ def install_stamp_hook() -> None:
     ArrayDataset.batches = stamped_batches  # type: ignore[method-assign]
 
 
-def run_fedhet(fed: Any, data: str, clients: int, samples: int, executor: str, clock: RoundClock) -> None:
+def run_fedhet_eval(fed: Any, data: str, clients: int, samples: int, clock: RoundClock) -> None:
+    """fedhet's evaluation round (``evaluate_round``: the global model on the test set, then every
+    client on its own held-out split through the sequential executor), of the initial model."""
+    from fedhet.experiment.build import build_run
+    from fedhet.simulation import loop
+
+    cfg = fedhet_config(data, clients, samples, "sequential").model_copy(deep=True)
+    cfg.eval.clients = True
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = build_run(cfg, Path(run_dir), dataset=fed)
+        with run.executor:
+            state = loop.init_state(run)
+            clock.start()
+            for rnd in range(1, ROUNDS + 1):
+                _, per_client = loop.evaluate_round(run, state, rnd, run.fleet.infos(rnd))
+                assert len(per_client) == clients
+                clock.round_end(rnd)
+
+
+def run_fedhet(
+    fed: Any, data: str, clients: int, samples: int, executor: str, clock: RoundClock, participants: int | None = None
+) -> None:
     from fedhet.experiment.build import build_run
     from fedhet.simulation import loop
 
@@ -425,7 +586,7 @@ def run_fedhet(fed: Any, data: str, clients: int, samples: int, executor: str, c
     loop.evaluate_round = clock.excluded(loop.evaluate_round)  # type: ignore[assignment]
     loop.save_checkpoint = clock.excluded(loop.save_checkpoint)  # type: ignore[assignment]
 
-    cfg = fedhet_config(data, clients, samples, executor)
+    cfg = fedhet_config(data, clients, samples, executor, participants)
     started = False
     if executor == "ray":
         # the local Ray fedhet would start, started here (after the clock's t0) so that its actors
@@ -648,7 +809,7 @@ def child(args: argparse.Namespace) -> None:
     if args.child in RAY_CONFIGS:
         ray_environment()  # before anything can import Ray (it reads the environment on import)
         become_subreaper()
-    clients, samples = (int(v) for v in args.setting.split("x"))
+    clients, samples, participants = parse_setting(args.setting)
     try:
         fed = load_clients(args.data, clients, samples)
     except (OSError, ValueError) as err:
@@ -657,10 +818,10 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # flower's Ray workers read the client tensors from a file, written here, before the clock
         data_file = save_client_tensors(fed, tmp) if args.child == "flower" else ""
-        child_measured(args, fed, clients, samples, data_file)
+        child_measured(args, fed, clients, samples, participants, data_file)
 
 
-def child_measured(args: argparse.Namespace, fed: Any, clients: int, samples: int, data_file: str) -> None:
+def child_measured(args: argparse.Namespace, fed: Any, clients: int, samples: int, participants: int, data_file: str) -> None:
     """The measured phase: from just after the data are loaded (and, for flower, written to
     ``data_file``) to the final evaluation."""
     import gc
@@ -676,13 +837,17 @@ def child_measured(args: argparse.Namespace, fed: Any, clients: int, samples: in
     clock = RoundClock(tree=args.child in RAY_CONFIGS)
     accuracy = None
     if args.child == "plain_loop":
-        accuracy = run_plain_loop(fed, clock)
+        accuracy = run_plain_loop(fed, clock, participants)
     elif args.child == "plain_pool":
-        accuracy = run_plain_pool(fed, clock)
+        accuracy = run_plain_pool(fed, clock, participants)
     elif args.child == "flower":
         accuracy = run_flower(fed, data_file, clock)
+    elif args.child == "plain_eval":
+        run_plain_eval(fed, clock)
+    elif args.child == "eval":
+        run_fedhet_eval(fed, args.data, clients, samples, clock)
     else:
-        run_fedhet(fed, args.data, clients, samples, args.child, clock)
+        run_fedhet(fed, args.data, clients, samples, args.child, clock, participants)
     if args.child in RAY_CONFIGS:
         end_leftovers(args.child)
     wall, cpu, skipped = clock.rounds()
@@ -818,14 +983,15 @@ def wait_until_quiet(limit: float, threshold: float = 0.2) -> float:
         time.sleep(3.0)
 
 
-def measure(config: str, setting: str, data: str) -> dict[str, Any]:
+def measure(config: str, setting: str, data: str | None) -> dict[str, Any]:
     import resource
 
     with tempfile.TemporaryDirectory() as tmp:
         phase = os.path.join(tmp, "phase")
         env = dict(os.environ, **{_STAMP_FILE: os.path.join(tmp, "stamps"), _PHASE_FILE: phase})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", config, "--setting", setting, "--data", data]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", config, "--setting", setting, "--workload", WL.name]
+        cmd += ["--data", data] if data else []
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         me_before = resource.getrusage(resource.RUSAGE_SELF)
         busy0, steal0 = _cpu_jiffies()
@@ -885,13 +1051,15 @@ def table(results: list[dict[str, Any]]) -> str:
     ratios = []
     for setting in dict.fromkeys(r["setting"] for r in results):
         pairs = [
-            ("sequential", "plain_loop", "time", "round_s", 1.05),
+            ("sequential", "plain_loop", "time", "round_s", 1.05 if WL.name == "cnn" else 1.2),
             ("sequential", "plain_loop", "CPU time", "round_cpu_s", None),
-            ("sequential", "plain_loop", "memory", "peak_rss_mb", 1.2),
-            ("parallel", "plain_pool", "time", "round_s", 1.05),
+            ("sequential", "plain_loop", "memory", "peak_rss_mb", 1.1 if WL.name == "cnn" else None),
+            ("parallel", "plain_pool", "time", "round_s", 1.05 if WL.name == "cnn" else 1.1),
             ("parallel", "plain_pool", "CPU time", "round_cpu_s", None),
-            ("parallel", "plain_pool", "memory (PSS)", "peak_pss_mb", None),
+            ("parallel", "plain_pool", "memory (PSS)", "peak_pss_mb", 1.2 if WL.name == "cnn" else None),
             ("parallel", "sequential", "time", "round_s", None),
+            ("eval", "plain_eval", "time", "round_s", 1.2),
+            ("eval", "plain_eval", "memory", "peak_rss_mb", None),
             ("ray", "parallel", "time", "round_s", 1.10),
             ("ray", "flower", "time", "round_s", {"20x500": 0.9, "100x100": 0.7}.get(setting)),
             ("flower", "plain_loop", "time", "round_s", None),
@@ -915,7 +1083,15 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("FEDHET_DATA"), help="CIFAR-10 data root (default: $FEDHET_DATA)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated CLIENTSxSAMPLES")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="cnn",
+        help="cnn: FedAvg's CNN on CIFAR-10 (needs --data); mlp: cross-device, thousands of small clients on synthetic data",
+    )
+    parser.add_argument(
+        "--settings", help="comma-separated CLIENTSxSAMPLES[/PARTICIPANTS] (default: cnn 20x500,100x100; mlp 2000x10,10000x10/1000)"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=1, help="measure each configuration this many times (interleaved); the table keeps the fastest")
     parser.add_argument("--json", help="also write every measurement to this file")
@@ -934,12 +1110,15 @@ def main() -> None:
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.data:
+    use_workload(args.workload)
+    if WL.name == "mlp":
+        args.data = None  # the synthetic dataset needs none
+    elif not args.data:
         raise SystemExit(
             "bench_fedavg: no CIFAR-10 data root; pass --data PATH or set FEDHET_DATA "
             "(a folder with cifar-10-batches-py/, cifar-10-python.tar.gz or cifar10_jpeg/*.zip)"
         )
-    if not Path(args.data).exists():
+    if args.data and not Path(args.data).exists():
         raise SystemExit(f"bench_fedavg: data root {args.data!r} does not exist")
     if args.child:
         child(args)
@@ -950,7 +1129,12 @@ def main() -> None:
             raise SystemExit(f"--configs: unknown {c!r}; allowed: {', '.join(CONFIGS)}")
     every: list[dict[str, Any]] = []
     best: dict[tuple[str, str], dict[str, Any]] = {}
-    for setting in args.settings.split(","):
+    settings = (args.settings or ",".join(WL.settings)).split(",")
+    for setting in settings:
+        clients, _, participants = parse_setting(setting)
+        if participants != clients and any(c in RAY_CONFIGS for c in configs):
+            raise SystemExit(f"--settings {setting}: ray and flower are measured with every client in every round only")
+    for setting in settings:
         for repeat in range(args.repeats):
             for config in configs:
                 for attempt in range(args.retries + 1):

@@ -107,12 +107,13 @@ class Fleet:
         tier_idx = assign_tiers(self.num_clients, self.tiers, mode=self.assignment, seed=self.seed, rnd=rnd)
         out = []
         by_name = {t.name: t for t in self.tiers}
+        everyone = self.global_size  # once, not once a client (100,000 registered clients)
         for cid, t in enumerate(tier_idx):
             reported = self.reported_tiers[cid] if cid < len(self.reported_tiers) else None
             if self.fitted:
                 reported = self.capacity[cid] or smallest(self.tiers).name
             tier = by_name[reported] if reported is not None else self.tiers[t]
-            size = tier.size if self.policy == "tiered" else self.global_size
+            size = tier.size if self.policy == "tiered" else everyone
             out.append(ClientInfo(cid, self.num_train[cid], self.num_test[cid], tier.name, size, self.label_counts[cid]))
         return out
 

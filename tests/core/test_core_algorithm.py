@@ -42,6 +42,15 @@ def test_check_result_rejects(params, n, message):
     assert message in str(err.value)
 
 
+def test_check_result_accepts_large_finite_values_whose_norm_overflows():
+    # the norm of six values of 3e38 is above float32's largest (3.4e38): the check looks closer
+    check_result(_expected(), ClientResult({"w": torch.full((2, 3), 3e38), "n": torch.tensor(1)}, num_examples=1))
+    with pytest.raises(ClientError, match="w: contains NaN or inf"):
+        w = torch.full((2, 3), 3e38)
+        w[1, 2] = math.inf
+        check_result(_expected(), ClientResult({"w": w, "n": torch.tensor(1)}, num_examples=1))
+
+
 def test_model_params_are_detached_copies_with_buffers():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     params = model_params(model)
