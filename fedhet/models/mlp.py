@@ -49,15 +49,16 @@ class MLP(nn.Module):
         self.exit_mode = exits
         widths = (in_features, *hidden)
         self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.scaler = Scaler(scaler) if scaler is not None else nn.Identity()
+        # no module where nothing is needed: every submodule costs Python time in each client's
+        # state-dict load and copy, which dominates the round with thousands of small clients
+        self.scaler = Scaler(scaler) if scaler is not None else None
         self.exit_ids = list(range(len(hidden))) if exits == "all" else [len(hidden) - 1]
-        self.exits = nn.ModuleDict()
-        for i in self.exit_ids:
-            layer = nn.Linear(hidden[i], num_classes)
-            if self._exit_name(i) == "head":
-                self.head = layer
-            else:
-                self.exits[str(i)] = layer
+        layers = {i: nn.Linear(hidden[i], num_classes) for i in self.exit_ids}  # initialised in this order
+        side_exits = {str(i): layer for i, layer in layers.items() if self._exit_name(i) != "head"}
+        if side_exits:
+            self.exits = nn.ModuleDict(side_exits)
+        if self.total_blocks - 1 in layers:
+            self.head = layers[self.total_blocks - 1]
 
     def _exit_name(self, i: int) -> str:
         return "head" if i == self.total_blocks - 1 else f"exits.{i}"
@@ -69,7 +70,8 @@ class MLP(nn.Module):
         x = x.flatten(1)
         outs = []
         for i, layer in enumerate(self.body):
-            x = torch.relu(self.scaler(layer(x)))
+            x = layer(x)
+            x = torch.relu(self.scaler(x) if self.scaler is not None else x)
             if i in self.exit_ids:
                 outs.append(self._exit(i)(x))
         return outs if self.exit_mode == "all" else outs[-1]
