@@ -28,6 +28,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def keep_threads():
+    """Restore torch's intra-op thread count after a test that runs the CLI (a run sets it from
+    ``runtime.threads``)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def run_interrupted(run, at: int):
     """Run ``run`` and stop it after round ``at`` as a crash would (its checkpoint stays behind)."""
     from fedhet.simulation.loop import run_rounds

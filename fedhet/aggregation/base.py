@@ -45,6 +45,21 @@ class Accumulator(ABC):
         """Leave these clients' updates out of the round (a robust rule's screen rejected them)."""
 
 
+class KeepsUpdates(Accumulator):
+    """An accumulator that keeps each client's update (``kept``) when a robust rule is active and
+    combines them with ``rule`` at the end (its ``reject`` drops updates from its own sums too)."""
+
+    rule: RobustRule | None
+    kept: dict[int, ClientUpdate]
+
+    def use_rule(self, rule: RobustRule) -> bool:
+        self.rule = rule if rule.active else None
+        return True
+
+    def kept_updates(self) -> dict[int, ClientUpdate]:
+        return self.kept
+
+
 class Collect(Accumulator):
     """Keeps every result; for rules that need all of them at once (median, clustering, ...)."""
 

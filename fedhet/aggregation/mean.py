@@ -7,14 +7,14 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 
 from fedhet.aggregation import robust
-from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.base import Accumulator, KeepsUpdates
 from fedhet.core.messages import ClientResult, ClientTask
 from fedhet.core.types import Params
 
 WEIGHTINGS = ("examples", "uniform")
 
 
-class WeightedSum(Accumulator):
+class WeightedSum(KeepsUpdates):
     """Σ_k w_k θ_k and Σ_k w_k, in float64; ``w_k`` = the client's example count, or 1 (``uniform``).
 
     With a robust rule (``use_rule``) it keeps each client's update instead, and ``mean`` is the
@@ -32,13 +32,6 @@ class WeightedSum(Accumulator):
 
     def empty(self) -> WeightedSum:
         return WeightedSum(self.weighting, self.rule)
-
-    def use_rule(self, rule: robust.RobustRule) -> bool:
-        self.rule = rule if rule.active else None
-        return True
-
-    def kept_updates(self) -> dict[int, robust.ClientUpdate]:
-        return self.kept
 
     def reject(self, cids: Collection[int]) -> None:
         for cid in cids:

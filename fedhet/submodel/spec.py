@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedhet.aggregation import robust
-from fedhet.aggregation.base import Accumulator
+from fedhet.aggregation.base import Accumulator, KeepsUpdates
 from fedhet.core.messages import ClientResult, ClientTask
 from fedhet.core.types import Params
 from fedhet.submodel.architecture import CLASSES, DepthBlock, WidthAxes, split_axis
@@ -332,7 +332,7 @@ def mask_spec(global_shapes: Mapping[str, Shape], masks: Mapping[str, torch.Tens
 # -- aggregation --------------------------------------------------------------------------------------
 
 
-class CoverageSum(Accumulator):
+class CoverageSum(KeepsUpdates):
     """Σ_k w_k θ_k and Σ_k w_k per element over the clients holding each element, in float64.
 
     ``mean`` divides the two where some client holds an element and keeps the reference value
@@ -359,13 +359,6 @@ class CoverageSum(Accumulator):
 
     def empty(self) -> CoverageSum:
         return CoverageSum(self.spec_of, self.weighting, self.contribute_of, self.rule)
-
-    def use_rule(self, rule: robust.RobustRule) -> bool:
-        self.rule = rule if rule.active else None
-        return True
-
-    def kept_updates(self) -> dict[int, robust.ClientUpdate]:
-        return self.kept
 
     def reject(self, cids: Collection[int]) -> None:
         for cid in cids:

@@ -34,11 +34,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def _rows(run_dir: Path) -> list[dict]:
