@@ -534,6 +534,7 @@ def build_run(
         eval_clients=cfg.eval.clients,
         checkpoint_every=cfg.runtime.checkpoint_every,
         progress=cfg.logging.progress,
+        client_rows=cfg.logging.client_rows,
         name=cfg.name,
         clock=devices.clock if devices is not None else None,
         devices_record=devices.record if devices is not None else None,

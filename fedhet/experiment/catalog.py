@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,6 +119,16 @@ def _type(annotation: Any) -> str:
         return "any"
     if getattr(annotation, "__origin__", None) is Literal:
         return "one of " + ", ".join(str(a) for a in annotation.__args__)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parts = []
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                parts.append("None")
+            elif typing.get_origin(arg) is Literal:
+                parts.extend(str(a) for a in typing.get_args(arg))
+            else:
+                parts.append(_type(arg))
+        return " or ".join(parts)
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "")
 

@@ -487,11 +487,25 @@ class LoggingConfig(_Section):
         "auto", description="auto (a bar on a terminal, lines otherwise), bar, lines or off"
     )
 
+    client_rows: int | Literal["eval"] = Field(
+        1,
+        description="which rounds write per-client rows to clients.jsonl: 1 every round, K every K-th round, "
+        "eval only rounds that evaluate the clients; rounds that evaluate the clients always write theirs "
+        "(the per-client distribution), and metrics.jsonl always has every round's summaries",
+    )
+
     @field_validator("progress", mode="before")
     @classmethod
     def _off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `off` as false
         return "off" if v is False else v
+
+    @field_validator("client_rows")
+    @classmethod
+    def _every(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"got {v}, allowed: an integer >= 1 or eval")
+        return v
 
 
 class ExperimentConfig(_Section):

@@ -76,26 +76,39 @@ class RunLog:
             for name in (METRICS, CLIENTS, CSV):
                 (self.dir / name).unlink(missing_ok=True)
         self.rows = read_jsonl(self.dir / METRICS)
+        self._columns: dict[str, None] = {}
+        if self.rows:
+            self._write_csv()
 
     def log_round(self, row: dict[str, Any], clients: list[dict[str, Any]]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
-        with open(self.dir / CLIENTS, "a") as f:
-            for c in clients:
-                f.write(json.dumps({k: _clean(v) for k, v in c.items()}) + "\n")
+        if clients:
+            with open(self.dir / CLIENTS, "a") as f:
+                f.write("".join(json.dumps({k: _clean(v) for k, v in c.items()}) + "\n" for c in clients))
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.rows.append(row)
-        self._write_csv()
+        if all(k in self._columns for k in row):
+            self._append_csv(row)  # the usual case: one line, not the whole file again
+        else:
+            self._write_csv()
 
     def _write_csv(self) -> None:
-        columns: list[str] = []
+        """The whole CSV again, with every column seen so far (a new column appeared)."""
+        self._columns = {}
         for r in self.rows:
-            columns.extend(k for k in r if k not in columns)
+            self._columns.update(dict.fromkeys(r))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer = csv.DictWriter(buf, fieldnames=list(self._columns))
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_bytes(self.dir / CSV, buf.getvalue().encode())
+
+    def _append_csv(self, row: dict[str, Any]) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=list(self._columns)).writerow(row)
+        with open(self.dir / CSV, "a") as f:
+            f.write(buf.getvalue())
 
 
 class Progress:

@@ -61,6 +61,8 @@ class Run:
     eval_clients: bool = True
     checkpoint_every: int = 1
     progress: str = "auto"
+    #: which rounds write per-client rows: every K-th (an int) or only those that evaluate the clients ("eval")
+    client_rows: int | str = 1
     name: str = "run"
     #: called after each round with the metrics row (e.g. by tests to stop a run part-way)
     on_round: Callable[[int, dict[str, Any]], None] | None = None
@@ -73,6 +75,15 @@ class Run:
     #: stop after this many rounds in a row with no usable client result (``None``: never)
     max_failed_rounds: int | None = None
     _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
+
+
+def _client_rows_due(run: Run, rnd: int, row: dict[str, Any]) -> bool:
+    """Whether round ``rnd`` writes its per-client rows (``logging.client_rows``). A round that
+    evaluated the clients always does: its rows hold the per-client distribution."""
+    evaluated = any(k.startswith("clients/") for k in row)
+    if evaluated:
+        return True
+    return isinstance(run.client_rows, int) and rnd % run.client_rows == 0
 
 
 class RunStopped(RuntimeError):
@@ -463,7 +474,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     flush=True,
                     file=sys.stderr,
                 )
-            log.log_round(row, client_rows)
+            log.log_round(row, client_rows if _client_rows_due(run, rnd, row) else [])
             if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
                 save_checkpoint(
                     run.run_dir,

@@ -34,6 +34,72 @@ def test_resume_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     assert [r["round"] for r in read_jsonl(tmp_path / METRICS)] == [1, 2, 3]
 
 
+def test_the_csv_is_appended_to_and_rewritten_when_a_column_appears(tmp_path):
+    log = RunLog(tmp_path)
+    rows = [
+        {"round": 1, "loss": 0.5},
+        {"round": 2, "loss": 0.4},
+        {"round": 3, "loss": 0.3, "acc": 0.9},
+        {"round": 4, "loss": 0.2},
+    ]
+    for r in rows:
+        log.log_round(r, [])
+    with open(tmp_path / CSV, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert got == [{"round": str(r["round"]), "loss": str(r["loss"]), "acc": str(r.get("acc", ""))} for r in rows]
+    # resumed after round 2: the CSV is rebuilt from the rows kept
+    log = RunLog(tmp_path, resume_round=2)
+    log.log_round({"round": 3, "loss": 0.35}, [])
+    with open(tmp_path / CSV, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [(r["round"], r["loss"]) for r in got] == [("1", "0.5"), ("2", "0.4"), ("3", "0.35")]
+    assert not (tmp_path / CLIENTS).exists() or read_jsonl(tmp_path / CLIENTS) == []
+
+
+@pytest.mark.parametrize(
+    "client_rows, evaluated, expected",
+    [
+        (1, (), [1, 2, 3, 4, 5, 6]),
+        (2, (), [2, 4, 6]),
+        (2, (3,), [2, 3, 4, 6]),
+        ("eval", (3, 6), [3, 6]),
+        ("eval", (), []),
+    ],
+)
+def test_client_rows_every_k_rounds_and_always_in_evaluation_rounds(tmp_path, client_rows, evaluated, expected):
+    from fedhet.simulation.loop import _client_rows_due
+
+    class _Run:
+        pass
+
+    run = _Run()
+    run.client_rows = client_rows
+    due = [
+        r
+        for r in range(1, 7)
+        if _client_rows_due(run, r, {"round": r, **({"clients/accuracy_mean": 0.5} if r in evaluated else {})})
+    ]
+    assert due == expected
+
+
+def test_client_rows_in_a_run(tmp_path):
+    from fedhet.experiment.build import build_run
+    from fedhet.experiment.config import load_config
+    from fedhet.simulation.loop import run_rounds
+
+    base = ["data.dataset=synthetic", "data.num_clients=4", "model.options={hidden: [4]}", "local.max_steps=1"]
+    cfg = load_config(None, [*base, "rounds=6", "eval.every=3", "logging.client_rows=eval", "logging.progress=off"])
+    run = build_run(cfg, tmp_path / "eval")
+    run_rounds(run)
+    rows = read_jsonl(tmp_path / "eval" / CLIENTS)
+    assert sorted({r["round"] for r in rows}) == [3, 6]
+    assert all("eval_accuracy" in r for r in rows) and len(rows) == 8
+    with pytest.raises(ConfigError, match="logging.client_rows"):
+        load_config(None, [*base, "logging.client_rows=0"])
+    with pytest.raises(ConfigError, match="logging.client_rows"):
+        load_config(None, [*base, "logging.client_rows=often"])
+
+
 def test_a_fresh_log_removes_old_files(tmp_path):
     for name in (METRICS, CLIENTS, CSV):
         (tmp_path / name).write_text("old\n")
