@@ -41,8 +41,8 @@ def seeded(seed: int, *key: int | str) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         derived = derive_seed(seed, *key)
         # torch.manual_seed would also queue a seed for every accelerator backend torch knows (CUDA,
-        # XPU, MTIA), recording a stack trace for each while none is initialised: about 0.7 ms a
-        # call, which is most of a small client's training. Seed the CPU and, where present, CUDA.
+        # XPU, MTIA), recording a Python stack trace for each while none is initialised: the largest
+        # single cost of a client that trains one small step. Seed the CPU and, where present, CUDA.
         torch.default_generator.manual_seed(derived)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(derived)
