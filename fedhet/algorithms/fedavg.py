@@ -23,7 +23,7 @@ from torch import nn
 from fedhet.aggregation.base import Accumulator
 from fedhet.aggregation.mean import WEIGHTINGS, WeightedSum
 from fedhet.algorithms import register
-from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, model_params
+from fedhet.core.algorithm import Algorithm, ServerSetup, load_params, load_params_for, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask
 from fedhet.core.types import Config, Metrics, Params
@@ -137,11 +137,13 @@ class FedAvg(Algorithm[ServerState]):
     def evaluate_client(self, task: ClientTask, ctx: ClientContext) -> Metrics:
         """The global model on the client's test split, after ``finetune`` local epochs when set."""
         model = ctx.build_model(task.config)
-        load_params(model, task.params)
         if self.finetune > 0:
+            load_params(model, task.params)
             with torch.enable_grad():
                 train(model, ctx.train, replace(self.local, epochs=self.finetune), ctx.generator,
                       rnd=task.round, device=ctx.device, transform=ctx.transform)
+        else:
+            load_params_for(model, task.params, ctx.eval_pass)  # evaluation alone does not change it
         return evaluate(model, ctx.test, device=ctx.device)
 
     def loss_terms(self, task: ClientTask, ctx: ClientContext, anchor: Mapping[str, torch.Tensor]) -> list[LossTerm]:

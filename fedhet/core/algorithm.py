@@ -138,7 +138,7 @@ class Algorithm(Generic[S]):
 
     def evaluate_client(self, task: ClientTask, ctx: ClientContext) -> Metrics:
         model = ctx.build_model(task.config)
-        load_params(model, task.params)
+        load_params_for(model, task.params, ctx.eval_pass)
         return evaluate(model, ctx.test, device=ctx.device)
 
     def probe(self, task: ClientTask, ctx: ClientContext, what: str, batch: int | None = None) -> torch.Tensor:
@@ -209,9 +209,27 @@ def trainable_names(model: nn.Module) -> frozenset[str]:
     return frozenset(name for name, _ in model.named_parameters())
 
 
+#: attribute on a model: (evaluation pass, parameter dict) it was last loaded with by load_params_for
+_HOLDS = "_fedhet_holds"
+
+
 def load_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
     """Copy ``params`` into ``model`` in place (every state-dict entry must be present)."""
     model.load_state_dict(params, strict=True)
+    model.__dict__.pop(_HOLDS, None)
+
+
+def load_params_for(model: nn.Module, params: Mapping[str, torch.Tensor], eval_pass: object | None) -> None:
+    """``load_params`` for evaluation, skipped when ``model`` was loaded with this very ``params``
+    object earlier in the same evaluation pass (``ClientContext.eval_pass``) and not loaded since:
+    thousands of clients evaluating one global model then cost one load. The caller must not change
+    the model (evaluation in ``no_grad``, no fine-tuning); outside a pass it always loads."""
+    held = model.__dict__.get(_HOLDS)
+    if eval_pass is not None and held is not None and held[0] is eval_pass and held[1] is params:
+        return
+    load_params(model, params)
+    if eval_pass is not None:
+        model.__dict__[_HOLDS] = (eval_pass, params)
 
 
 def describe(obj: Any) -> dict[str, Any]:

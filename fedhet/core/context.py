@@ -33,3 +33,7 @@ class ClientContext:
     transform: Transform | None = None
     seed: int = 0
     round: int = 0
+    #: set while the executor evaluates a batch of clients: a token for that pass, within which a model
+    #: already holding the very parameter dict a client is sent need not be loaded again (see
+    #: :func:`fedhet.core.algorithm.load_params_for`)
+    eval_pass: object | None = None

@@ -155,7 +155,8 @@ class SequentialExecutor(Executor):
     def evaluate(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
     ) -> dict[int, Metrics | str]:
-        return {cid: run_eval(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid)) for cid in sorted(tasks)}
+        token = object()  # one evaluation pass: clients sent the same parameters share one load
+        return {cid: run_eval(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid), token) for cid in sorted(tasks)}
 
     def probe(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
@@ -234,7 +235,8 @@ def handle_request(world: ClientWorld, request: tuple[Any, ...]) -> Any:
         return part, blocks, stores.saved
     if kind == "eval":
         _, algorithm, jobs = request
-        return {cid: run_eval(algorithm, world, info, task, store) for cid, task, info, store in jobs}
+        token = object()
+        return {cid: run_eval(algorithm, world, info, task, store, token) for cid, task, info, store in jobs}
     if kind == "probe":
         _, algorithm, what, batch, jobs = request
         return {cid: run_probe(algorithm, world, info, task, store, what, batch) for cid, task, info, store in jobs}

@@ -208,9 +208,20 @@ def run_probe(
         return f"round {task.round}, client {info.id}, probe {what}: {type(exc).__name__}: {exc}"
 
 
-def run_eval(algorithm: Algorithm[Any], world: ClientWorld, info: ClientInfo, task: ClientTask, store: dict[str, Any]) -> Metrics | str:
+def run_eval(
+    algorithm: Algorithm[Any],
+    world: ClientWorld,
+    info: ClientInfo,
+    task: ClientTask,
+    store: dict[str, Any],
+    eval_pass: object | None = None,
+) -> Metrics | str:
+    """``evaluate_client`` for one client; an error is returned as its message. ``eval_pass``: a
+    token shared by the clients an executor evaluates together (``ClientContext.eval_pass``)."""
     try:
         with torch.no_grad(), rng.seeded(world.seed, "global", "eval", task.round, info.id):
-            return algorithm.evaluate_client(task, world.context(info, task.round, store, stream="eval"))
+            ctx = world.context(info, task.round, store, stream="eval")
+            ctx.eval_pass = eval_pass
+            return algorithm.evaluate_client(task, ctx)
     except Exception as exc:
         return f"round {task.round}, client {info.id}, evaluate_client: {type(exc).__name__}: {exc}"

@@ -124,3 +124,29 @@ def test_registry_errors():
         reg.get("b")
     assert reg.names() == ["a"] and "a" in reg and list(reg) == ["a"]
     assert {"fedavg", "fedprox", "feddyn", "local"} <= set(ALGORITHMS.names())
+
+
+def test_load_params_for_loads_once_per_evaluation_pass():
+    from fedhet.core.algorithm import load_params_for
+
+    model = nn.Linear(2, 1)
+    loads = []
+    model.register_load_state_dict_post_hook(lambda module, keys: loads.append(1))
+    p = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+    q = {"weight": torch.full((1, 2), 2.0), "bias": torch.zeros(1)}
+    first, second = object(), object()
+    load_params_for(model, p, first)
+    load_params_for(model, p, first)  # the same dict in the same pass: not loaded again
+    assert len(loads) == 1
+    load_params_for(model, q, first)  # another dict: loaded
+    assert len(loads) == 2 and torch.equal(model.weight.detach(), q["weight"])
+    load_params_for(model, q, second)  # another pass: loaded
+    assert len(loads) == 3
+    with torch.no_grad():
+        model.weight.add_(1.0)  # what training does between passes, after load_params
+    load_params(model, q)
+    load_params_for(model, q, second)  # load_params in between forgets what the pass loaded
+    assert len(loads) == 5
+    load_params_for(model, q, None)
+    load_params_for(model, q, None)  # outside a pass: always loaded
+    assert len(loads) == 7
