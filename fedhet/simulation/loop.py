@@ -77,13 +77,10 @@ class Run:
     _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
 
 
-def _client_rows_due(run: Run, rnd: int, row: dict[str, Any]) -> bool:
+def _client_rows_due(client_rows: int | str, rnd: int, clients_evaluated: bool) -> bool:
     """Whether round ``rnd`` writes its per-client rows (``logging.client_rows``). A round that
     evaluated the clients always does: its rows hold the per-client distribution."""
-    evaluated = any(k.startswith("clients/") for k in row)
-    if evaluated:
-        return True
-    return isinstance(run.client_rows, int) and rnd % run.client_rows == 0
+    return clients_evaluated or (isinstance(client_rows, int) and rnd % client_rows == 0)
 
 
 class RunStopped(RuntimeError):
@@ -455,7 +452,8 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     row["sim_wait_s"] = waited
             row["train_flops"] = flops
             row.update(agg_metrics)
-            if rnd % run.eval_every == 0 or rnd == run.rounds:
+            evaluating = rnd % run.eval_every == 0 or rnd == run.rounds
+            if evaluating:
                 eval_row, per_client = evaluate_round(run, state, rnd, infos)
                 row.update(eval_row)
                 for crow in client_rows:
@@ -474,7 +472,8 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     flush=True,
                     file=sys.stderr,
                 )
-            log.log_round(row, client_rows if _client_rows_due(run, rnd, row) else [])
+            due = _client_rows_due(run.client_rows, rnd, evaluating and run.eval_clients)
+            log.log_round(row, client_rows if due else [])
             if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
                 save_checkpoint(
                     run.run_dir,

@@ -69,16 +69,7 @@ def test_the_csv_is_appended_to_and_rewritten_when_a_column_appears(tmp_path):
 def test_client_rows_every_k_rounds_and_always_in_evaluation_rounds(tmp_path, client_rows, evaluated, expected):
     from fedhet.simulation.loop import _client_rows_due
 
-    class _Run:
-        pass
-
-    run = _Run()
-    run.client_rows = client_rows
-    due = [
-        r
-        for r in range(1, 7)
-        if _client_rows_due(run, r, {"round": r, **({"clients/accuracy_mean": 0.5} if r in evaluated else {})})
-    ]
+    due = [r for r in range(1, 7) if _client_rows_due(client_rows, r, r in evaluated)]
     assert due == expected
 
 
