@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -26,13 +26,61 @@ from fedhet.data.datasets import DatasetBundle
 from fedhet.data.tasks import Task
 
 
+class ClientSplits(Sequence[ArrayDataset]):
+    """Every client's split of one kind (training or held out), each made when it is asked for:
+    ``make(cid)`` builds client ``cid``'s examples, so memory holds only the clients in use, however
+    many are registered. ``sizes`` (examples per client) and ``label_counts`` (examples per label,
+    one row per client) are known without making any split. ``make`` must be picklable (the
+    parallel and Ray executors send the dataset to their workers) and deterministic: the same
+    ``cid`` gives the same examples every time, in every process."""
+
+    def __init__(self, sizes: np.ndarray, label_counts: np.ndarray, make: Callable[[int], ArrayDataset]) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.label_counts = np.asarray(label_counts, dtype=np.int64)
+        if self.label_counts.shape[0] != len(self.sizes):
+            raise ValueError(f"ClientSplits: {len(self.sizes)} sizes but {self.label_counts.shape[0]} label-count rows")
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @overload
+    def __getitem__(self, cid: int) -> ArrayDataset: ...
+    @overload
+    def __getitem__(self, cid: slice) -> list[ArrayDataset]: ...
+    def __getitem__(self, cid: int | slice) -> ArrayDataset | list[ArrayDataset]:
+        if isinstance(cid, slice):
+            return [self[c] for c in range(*cid.indices(len(self)))]
+        cid = int(cid)
+        if cid < 0:
+            cid += len(self)
+        if not 0 <= cid < len(self):
+            raise IndexError(f"client {cid} of {len(self)}")
+        data = self.make(cid)
+        if len(data) != self.sizes[cid]:
+            raise RuntimeError(f"ClientSplits: client {cid} was made with {len(data)} examples, its size says {self.sizes[cid]}")
+        return data
+
+    def __iter__(self) -> Iterator[ArrayDataset]:
+        return (self[c] for c in range(len(self)))
+
+
+def split_sizes(splits: Sequence[ArrayDataset]) -> tuple[int, ...]:
+    """Examples per client, without making the splits of a :class:`ClientSplits`."""
+    if isinstance(splits, ClientSplits):
+        return tuple(int(n) for n in splits.sizes)
+    return tuple(len(d) for d in splits)
+
+
 @dataclass(frozen=True)
 class FederatedDataset:
-    """Per-client train and held-out splits plus the global test set."""
+    """Per-client train and held-out splits plus the global test set. The splits are lists, or
+    :class:`ClientSplits` that make each client's examples when asked (a natively federated
+    dataset such as ``synthetic_clients``)."""
 
     name: str
-    clients_train: list[ArrayDataset]
-    clients_test: list[ArrayDataset]  # each client's held-out split, same label distribution as its train split
+    clients_train: Sequence[ArrayDataset]
+    clients_test: Sequence[ArrayDataset]  # each client's held-out split, same label distribution as its train split
     test: ArrayDataset  # the global test set
     num_classes: int
     input_shape: tuple[int, ...]
@@ -81,6 +129,8 @@ class FederatedDataset:
     def label_counts(self, cid: int) -> tuple[int, ...]:
         """How many training examples of each class client ``cid`` holds (length ``num_classes``);
         for regression and tagging, of each stratum (score bin, entity-type set)."""
+        if isinstance(self.clients_train, ClientSplits):
+            return tuple(int(v) for v in self.clients_train.label_counts[cid])
         data = self.clients_train[cid]
         strata = data.task.strata(data.y)
         if data.task.kind == "classification":
@@ -97,8 +147,8 @@ class FederatedDataset:
             "class_names": list(self.class_names),
             "input_shape": list(self.input_shape),
             "num_clients": self.num_clients,
-            "train_examples": [len(d) for d in self.clients_train],
-            "held_out_examples": [len(d) for d in self.clients_test],
+            "train_examples": list(split_sizes(self.clients_train)),
+            "held_out_examples": list(split_sizes(self.clients_test)),
             "test_examples": len(self.test),
             "info": dict(self.info),
         }
@@ -109,7 +159,7 @@ class FederatedDataset:
         counts = [self.label_counts(c) for c in range(self.num_clients)]
         sizes = [sum(c) for c in counts]
         classes = [sum(1 for v in c if v) for c in counts]
-        held_out = sum(len(d) for d in self.clients_test)
+        held_out = sum(split_sizes(self.clients_test))
 
         def spread(values: list[int]) -> str:
             return f"min {min(values)} / median {float(np.median(values)):g} / max {max(values)}"
@@ -154,7 +204,7 @@ def stratified_split(
 
 
 def federate(
-    bundle: DatasetBundle,
+    bundle: DatasetBundle | Any,
     *,
     num_clients: int,
     partitioner: str = "iid",
@@ -166,7 +216,9 @@ def federate(
     rotate_degrees: int = 180,
     **partitioner_options: Any,
 ) -> FederatedDataset:
-    """Split ``bundle.train`` over ``num_clients`` clients.
+    """Split ``bundle.train`` over ``num_clients`` clients (a natively federated dataset, one that
+    is not a :class:`DatasetBundle`, such as ``synthetic_clients``, splits itself: its
+    ``federate`` gets these arguments).
 
     1. ``train_subset``: keep that many training examples, drawn without replacement (key
        ``"train_subset"``), before partitioning (e.g. 10,000 examples for 20 clients x 500).
@@ -187,8 +239,19 @@ def federate(
     classification, a score bin for regression, the entity-type set of a sentence for tagging. The
     ``natural`` partitioner splits by the dataset's ``groups`` instead (ValueError if it has none).
     """
-    n_total = len(bundle.train)
     num_clients = integer("num_clients", num_clients, minimum=1)
+    if not isinstance(bundle, DatasetBundle):  # natively federated: it splits itself over the clients
+        return bundle.federate(
+            num_clients=num_clients,
+            partitioner=partitioner,
+            seed=seed,
+            client_test_fraction=client_test_fraction,
+            train_subset=train_subset,
+            test_subset=test_subset,
+            rotate_fraction=rotate_fraction,
+            **partitioner_options,
+        )
+    n_total = len(bundle.train)
     client_test_fraction = fraction("client_test_fraction", client_test_fraction, allow_zero=True)
     rotate_fraction, quarter_turns = _rotation(bundle, rotate_fraction, rotate_degrees)
     if partitioner not in PARTITIONERS:
@@ -227,12 +290,7 @@ def federate(
             groups[cid] = 1
             clients_train[cid] = rotate_images(clients_train[cid], quarter_turns)
             clients_test[cid] = rotate_images(clients_test[cid], quarter_turns)
-    test = bundle.test
-    if test_subset is not None:
-        test_subset = integer("test_subset", test_subset, minimum=1, maximum=len(test))
-        if test_subset < len(test):
-            keep, _ = stratified_split(test.task.strata(test.y), 1 - test_subset / len(test), numpy_rng(seed, "test_subset"))
-            test = test.subset(_index(np.sort(keep)))
+    test = bundle.test if test_subset is None else stratified_test_subset(bundle.test, test_subset, seed)
     return FederatedDataset(
         name=bundle.name,
         clients_train=clients_train,
@@ -246,6 +304,16 @@ def federate(
         class_names=tuple(bundle.class_names),
         info=dict(bundle.info),
     )
+
+
+def stratified_test_subset(test: ArrayDataset, size: Any, seed: int) -> ArrayDataset:
+    """A seeded subset of ``size`` examples of the global test set, stratified by label (key
+    ``"test_subset"``); the whole set when ``size`` is its size."""
+    size = integer("test_subset", size, minimum=1, maximum=len(test))
+    if size == len(test):
+        return test
+    keep, _ = stratified_split(test.task.strata(test.y), 1 - size / len(test), numpy_rng(seed, "test_subset"))
+    return test.subset(_index(np.sort(keep)))
 
 
 #: the rotations ``federate`` allows, in degrees

@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from fedhet.aggregation.robust import RobustRule
 from fedhet.core.messages import ModelSize
 from fedhet.core.registry import ALGORITHMS
+from fedhet.data.federated import split_sizes
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
 from fedhet.experiment.config import ConfigError, ExperimentConfig, parse_value
@@ -483,8 +484,8 @@ def build_run(
         )
     if clients is None:
         clients = ClientReports(
-            num_train=tuple(len(d) for d in fed.clients_train),
-            num_test=tuple(len(d) for d in fed.clients_test),
+            num_train=split_sizes(fed.clients_train),
+            num_test=split_sizes(fed.clients_test),
             label_counts=tuple(fed.label_counts(c) for c in range(fed.num_clients)),
         )
     devices = None

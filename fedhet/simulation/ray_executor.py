@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedhet.data.federated import ClientSplits
 from fedhet.simulation.executors import ShardedExecutor, failed_reply, handle_request
 from fedhet.simulation.parallel import as_array
 from fedhet.simulation.store import ClientStore
@@ -90,7 +91,13 @@ def world_digest(world: ClientWorld) -> str:
     h.update(repr((world.model, sorted(world.model_options.items()), world.seed, world.upload_levels)).encode())
     ds = world.dataset
     h.update(repr((ds.name, ds.num_classes, tuple(ds.input_shape), sorted(ds.model_options.items()))).encode())
-    for part in (*ds.clients_train, *ds.clients_test, ds.test):
+    parts: list[Any] = [ds.test]
+    for splits in (ds.clients_train, ds.clients_test):
+        if isinstance(splits, ClientSplits):  # made on demand: what makes them, not every client's examples
+            h.update(splits.sizes.tobytes() + splits.label_counts.tobytes() + pickle.dumps(splits.make))
+        else:
+            parts.extend(splits)
+    for part in parts:
         for tensor in (part.x, part.y):
             t = tensor.detach().cpu().contiguous()
             h.update(repr((str(t.dtype), tuple(t.shape))).encode())

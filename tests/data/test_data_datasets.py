@@ -25,7 +25,7 @@ def test_entries_are_registered(data_only):
 
 
 def test_load_dataset_unknown_name(data_only):
-    with pytest.raises(ValueError, match=r"data.name: got 'mnist', allowed: ade_ner, cifar10, digits, imagefolder, mrpc, sst2, stsb, synthetic, tabular, textfile"):
+    with pytest.raises(ValueError, match=r"data.name: got 'mnist', allowed: ade_ner, cifar10, digits, imagefolder, mrpc, sst2, stsb, synthetic, synthetic_clients, tabular, textfile"):
         load_dataset("mnist")
 
 
