@@ -34,7 +34,7 @@ from fedhet.communication.quantize import Encoded, check_levels, level_bits
 from fedhet.communication.upload import PackedUpload
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Metrics, Params
-from fedhet.simulation.parallel import as_array
+from fedhet.simulation.wire import as_array
 
 KINDS = ("train", "evaluate", "query")
 FORMAT = 1

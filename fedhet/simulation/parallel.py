@@ -63,6 +63,7 @@ import torch
 
 from fedhet.simulation.executors import ShardedExecutor, handle_request, split_clients
 from fedhet.simulation.store import ClientStore
+from fedhet.simulation.wire import TensorPickler
 from fedhet.simulation.world import ClientWorld
 
 __all__ = ["ParallelExecutor", "default_workers", "split_clients"]
@@ -83,55 +84,11 @@ def default_workers() -> int:
 # tensor storage. Anything else (Parameters, tensors that need grad, dtypes numpy lacks) takes
 # torch's own pickling.
 
-NUMPY_DTYPES = frozenset(
-    {
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
-    }
-)
-
-
-def _tensor_from_array(array: Any) -> torch.Tensor:
-    return torch.from_numpy(array)
-
-
-def as_array(obj: Any) -> Any:
-    """A plain dense CPU tensor as a numpy array sharing its memory (copied only when not
-    contiguous), which pickle protocol 5 and Ray's object store carry out of band; ``None`` for
-    anything else (Parameters, tensors that need grad, dtypes numpy lacks, other objects)."""
-    if (
-        type(obj) is torch.Tensor
-        and obj.dtype in NUMPY_DTYPES
-        and obj.device.type == "cpu"
-        and obj.layout is torch.strided
-        and not obj.requires_grad
-    ):
-        return obj.detach().resolve_conj().resolve_neg().contiguous().numpy()
-    return None
-
-
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        array = as_array(obj)
-        if array is not None:
-            return _tensor_from_array, (array,)
-        return NotImplemented
-
-
 def _encode(obj: Any) -> tuple[bytes, list[memoryview]]:
     """Pickle ``obj`` without sending anything yet (so an unpicklable message leaves the pipes clean)."""
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
+    TensorPickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
     views = [b.raw() for b in buffers]
     head = struct.pack(f"<Q{len(views)}Q", len(views), *(v.nbytes for v in views))
     return head + stream.getvalue(), views

@@ -65,8 +65,8 @@ import torch
 
 from fedhet.data.federated import ClientSplits
 from fedhet.simulation.executors import ShardedExecutor, failed_reply, handle_request
-from fedhet.simulation.parallel import as_array
 from fedhet.simulation.store import ClientStore
+from fedhet.simulation.wire import as_array
 from fedhet.simulation.world import ClientWorld
 
 __all__ = ["RayExecutor", "import_ray", "world_digest"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import io
+import pickle
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedhet.simulation import wire
 
 
 class ClientStore(ABC):
@@ -69,8 +72,8 @@ class DiskStore(ClientStore):
     """Personal state on disk, one file per client: memory holds only a manifest (client -> version),
     so thousands of registered clients cost no more memory than the few of a round.
 
-    ``put`` writes a new version atomically (a temporary file, then ``os.replace``) and drops the
-    client's previous version unless one of the last two checkpoints refers to it (the run folder
+    ``put`` writes a new version to a file of its own (tensors pickled as numpy arrays:
+    :mod:`fedhet.simulation.wire`) and drops the client's previous version unless one of the last two checkpoints refers to it (the run folder
     keeps the checkpoint before the latest, and a run may resume from either). ``snapshot`` (taken
     with every checkpoint) is the manifest; ``restore`` returns to it and deletes versions written
     after it, so a resumed run reads exactly the states the checkpoint saw and gives the same bits as
@@ -94,17 +97,19 @@ class DiskStore(ClientStore):
         if version is None:
             return {}
         with open(self._path(cid, version), "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
+            data = f.read()
+        if data[:2] == b"PK":  # written by torch.save (stores before the numpy pickles)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        return pickle.loads(data)
 
     def put(self, cid: int, state: dict[str, Any]) -> None:
         old = self._manifest.get(cid)
         if state:
             self._counter += 1
-            path = self._path(cid, self._counter)
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                torch.save(dict(state), f)
-            os.replace(tmp, path)
+            # a new version's own file: no checkpoint refers to it until it is whole, and a restore
+            # deletes the versions written after its checkpoint (so no temporary file and rename)
+            with open(self._path(cid, self._counter), "wb") as f:
+                f.write(wire.dumps(dict(state)))
             self._manifest[cid] = self._counter
         else:
             self._manifest.pop(cid, None)

@@ -29,6 +29,29 @@ def test_disk_store_round_trip_and_copies(tmp_path):
     assert store.get(3) == {} and len(store) == 0 and _files(store) == []
 
 
+def test_disk_store_keeps_every_kind_of_state_and_reads_torch_save_files(tmp_path):
+    store = DiskStore(tmp_path / "s")
+    state = {
+        "f32": torch.randn(3, 2),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+        "bf16": torch.randn(4).to(torch.bfloat16),  # numpy has no bfloat16: torch's own pickling
+        "mask": torch.tensor([True, False]),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "nested": {"step": 3, "name": "x", "t": torch.tensor([1, 2])},
+    }
+    store.put(5, state)
+    got = store.get(5)
+    for key in ("f32", "strided", "bf16", "mask"):
+        assert got[key].dtype == state[key].dtype and torch.equal(got[key], state[key]), key
+    assert isinstance(got["param"], torch.nn.Parameter) and torch.equal(got["param"], state["param"])
+    assert got["nested"]["step"] == 3 and got["nested"]["name"] == "x" and torch.equal(got["nested"]["t"], torch.tensor([1, 2]))
+    got["f32"].add_(1)  # a copy: the stored state is unchanged
+    assert torch.equal(store.get(5)["f32"], state["f32"])
+    # a store written with torch.save (earlier versions) is still read
+    torch.save({"w": torch.arange(3.0)}, store._path(5, store._manifest[5]))
+    assert torch.equal(store.get(5)["w"], torch.arange(3.0))
+
+
 def test_versions_are_dropped_unless_one_of_the_last_two_checkpoints_refers_to_them(tmp_path):
     store = DiskStore(tmp_path / "s")
     store.put(1, {"a": 1})
