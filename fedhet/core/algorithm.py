@@ -214,9 +214,43 @@ _HOLDS = "_fedhet_holds"
 
 
 def load_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``params`` into ``model`` in place (every state-dict entry must be present)."""
-    model.load_state_dict(params, strict=True)
+    """Copy ``params`` into ``model`` in place (every state-dict entry must be present).
+
+    What ``load_state_dict(params, strict=True)`` does, in one foreach copy when every entry
+    matches its tensor's name, shape, dtype and device and no module loads its state its own way
+    (hooks, its own ``_load_from_state_dict``; BatchNorm's only handles old checkpoints): a tenth of
+    the time a small client spends otherwise. Anything else takes ``load_state_dict`` and its errors."""
+    state = model.state_dict(keep_vars=True)
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    plain = state.keys() == params.keys() and _loads_plainly(model)
+    if plain:
+        for name, target in state.items():
+            value = params[name]
+            if not isinstance(value, torch.Tensor) or value.shape != target.shape or value.dtype != target.dtype or value.device != target.device:
+                plain = False
+                break
+            dst.append(target)
+            src.append(value)
+    if plain:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+    else:
+        model.load_state_dict(params, strict=True)
     model.__dict__.pop(_HOLDS, None)
+
+
+_PLAIN_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
+
+
+def _loads_plainly(model: nn.Module) -> bool:
+    """Whether every module of ``model`` loads a state dict as ``nn.Module`` does."""
+    for m in model.modules():
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks or m._state_dict_hooks or m._state_dict_pre_hooks:
+            return False
+        if type(m)._load_from_state_dict not in _PLAIN_LOADERS:
+            return False
+    return True
 
 
 def load_params_for(model: nn.Module, params: Mapping[str, torch.Tensor], eval_pass: object | None) -> None:

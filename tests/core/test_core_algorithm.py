@@ -150,3 +150,38 @@ def test_load_params_for_loads_once_per_evaluation_pass():
     load_params_for(model, q, None)
     load_params_for(model, q, None)  # outside a pass: always loaded
     assert len(loads) == 7
+
+
+def test_load_params_copies_as_load_state_dict_does_and_keeps_its_errors() -> None:
+    from fedhet.core.algorithm import load_params
+
+    class OwnLoader(torch.nn.Linear):
+        loads = 0
+
+        def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            OwnLoader.loads += 1
+            super()._load_from_state_dict(*args, **kwargs)
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    source = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    source[1].running_mean.add_(2.0)
+    source[1].num_batches_tracked.add_(5)
+    params = {k: v.clone() for k, v in source.state_dict().items()}
+    weight = model[0].weight
+    load_params(model, params)
+    assert model[0].weight is weight  # in place
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, params[name]) and value.data_ptr() != params[name].data_ptr(), name
+    # float64 values are cast like load_state_dict casts them
+    load_params(model, {k: (v.double() if v.is_floating_point() else v) for k, v in params.items()})
+    assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight, params["0.weight"])
+    # a module with its own loader is loaded by it
+    own = torch.nn.Sequential(OwnLoader(3, 4))
+    load_params(own, {"0.weight": torch.ones(4, 3), "0.bias": torch.zeros(4)})
+    assert OwnLoader.loads == 1 and torch.equal(own[0].weight, torch.ones(4, 3))
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "0.bias"'):
+        load_params(model, {k: v for k, v in params.items() if k != "0.bias"})
+    with pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        load_params(model, {**params, "0.weight": torch.zeros(4, 2)})
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "extra"'):
+        load_params(model, {**params, "extra": torch.zeros(1)})

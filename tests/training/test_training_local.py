@@ -252,3 +252,36 @@ def test_evaluation_visits_class_sorted_data_in_a_fixed_mixed_order():
     assert sorted(torch.cat(first.seen).tolist()) == list(range(40))  # every example once
     # every batch mixes both classes (a sequential order would give single-class batches)
     assert all(0 < int((b >= 20).sum()) < len(b) for b in first.seen)
+
+
+def test_plain_sgd_takes_torchs_sgd_step_bit_for_bit() -> None:
+    """Plain SGD on the CPU skips torch.optim.SGD but must give its bits (the same add_ per parameter)."""
+    import torch.nn.functional as F
+
+    from fedhet.data.base import ArrayDataset
+    from fedhet.training.local import LocalTraining, train
+
+    torch.manual_seed(0)
+    data = ArrayDataset(torch.randn(37, 6), torch.randint(0, 3, (37,)))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    reference.load_state_dict(model.state_dict())
+    before = model[2].weight.detach().clone()
+    spec = LocalTraining(epochs=2, batch_size=5, lr=0.1, lr_decay=0.9, max_steps=13)
+    frozen = model[0].bias  # a parameter left out of the update keeps its value
+    stats = train(model, data, spec, torch.Generator().manual_seed(4), rnd=3,
+                  parameters=[p for p in model.parameters() if p is not frozen])
+
+    opt = torch.optim.SGD([p for p in reference.parameters() if p is not reference[0].bias], lr=spec.lr_at(3))
+    gen, steps = torch.Generator().manual_seed(4), 0
+    for _ in range(2):
+        for x, y in data.batches(5, generator=gen):
+            if steps < 13:
+                opt.zero_grad()
+                F.cross_entropy(reference(x), y).backward()
+                opt.step()
+                steps += 1
+    assert stats.steps == 13
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+    assert not torch.equal(model[2].weight, before)  # it trained
