@@ -31,6 +31,11 @@ class Accumulator(ABC):
         """A fresh accumulator of the same kind and settings (what a worker starts from)."""
         return type(self)()
 
+    def absorb(self, other: Accumulator) -> None:
+        """``merge(other)`` where ``other`` is not used afterwards, so its tensors may be taken
+        over rather than copied (default: ``merge``)."""
+        self.merge(other)
+
     # -- robust aggregation (``fedhet.aggregation.robust``) ----------------------------------------
     def use_rule(self, rule: RobustRule) -> bool:
         """Combine the round's updates with ``rule`` instead of a plain mean (set before any client

@@ -71,6 +71,16 @@ class WeightedSum(KeepsUpdates):
         self.total += other.total
         self.count += other.count
 
+    def absorb(self, other: Accumulator) -> None:
+        assert isinstance(other, WeightedSum) and other.weighting == self.weighting
+        if self.sums or self.kept or self.count:
+            self.merge(other)
+            return
+        # nothing here yet: the sums are other's, not float64 copies of them (the round's root)
+        self.sums, self.kept = dict(other.sums), dict(other.kept)
+        self.total, self.count = other.total, other.count
+        other.sums, other.kept = {}, {}
+
     def mean(self, reference: Mapping[str, torch.Tensor]) -> Params:
         """The weighted mean, cast to each reference tensor's dtype and device.
 

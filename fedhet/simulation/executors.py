@@ -104,7 +104,7 @@ def finish_round(outcome: RoundOutcome, blocks: Mapping[Block, Accumulator], n: 
     per-client dictionaries in client-id order."""
     root = combine(blocks, n)
     if root is not None:
-        outcome.acc.merge(root)
+        outcome.acc.absorb(root)
     outcome.metrics = {c: outcome.metrics[c] for c in sorted(outcome.metrics)}
     outcome.bytes_up = {c: outcome.bytes_up[c] for c in sorted(outcome.bytes_up)}
     outcome.failures = {c: outcome.failures[c] for c in sorted(outcome.failures)}

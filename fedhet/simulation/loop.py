@@ -384,6 +384,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             outcome = run.executor.train(alg, live, by_id, accumulator(run, state, rnd))
             screen_round(run, rnd, outcome)
             state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
+            outcome.acc = outcome.acc.empty()  # the round's sums (a float64 model or more) are spent
             sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
 
             row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(weak) - len(reporting)}
@@ -453,6 +454,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             row["train_flops"] = flops
             row.update(agg_metrics)
             evaluating = rnd % run.eval_every == 0 or rnd == run.rounds
+            tasks = live = {}  # nor does evaluation need the parameters sent this round
             if evaluating:
                 eval_row, per_client = evaluate_round(run, state, rnd, infos)
                 row.update(eval_row)

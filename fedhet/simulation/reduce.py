@@ -96,20 +96,23 @@ def combine(blocks: Mapping[Block, Accumulator] | Iterable[tuple[Block, Accumula
     width = 1
     while width < n:
         width *= 2
+    return _node(table, n, 0, width)
 
-    def node(start: int, size: int) -> Accumulator | None:
-        if start >= n:
-            return None
-        found = table.get((start, size))
-        if found is not None:
-            return found
-        if size == 1:
-            raise ValueError(f"combine: leaf {start} of {n} is in no block; the blocks must tile [0, {n})")
-        half = size // 2
-        left, right = node(start, half), node(start + half, half)
-        assert left is not None
-        if right is not None:
-            left.merge(right)
-        return left
 
-    return node(0, width)
+def _node(table: dict[Block, Accumulator], n: int, start: int, size: int) -> Accumulator | None:
+    # a module-level function, not a closure over ``table``: a recursive closure is a reference
+    # cycle that would keep every block (a float64 copy of the model each) alive until the next
+    # garbage collection
+    if start >= n:
+        return None
+    found = table.get((start, size))
+    if found is not None:
+        return found
+    if size == 1:
+        raise ValueError(f"combine: leaf {start} of {n} is in no block; the blocks must tile [0, {n})")
+    half = size // 2
+    left, right = _node(table, n, start, half), _node(table, n, start + half, half)
+    assert left is not None
+    if right is not None:
+        left.merge(right)
+    return left

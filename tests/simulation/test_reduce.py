@@ -99,3 +99,38 @@ def test_float64_sums_are_the_same_bits_on_any_split() -> None:
     for v in values:
         left_fold += v
     assert results != {left_fold}  # the grouping does matter for these values
+
+
+def test_combined_blocks_are_freed_without_the_garbage_collector() -> None:
+    """Each block is a float64 copy of the model: once combined, the ones merged away must go at once."""
+    import gc
+    import weakref
+
+    blocks = {(0, 4): WeightedSum(), (4, 2): WeightedSum(), (6, 1): WeightedSum()}
+    for acc in blocks.values():
+        acc.add_params({"w": torch.ones(3)}, 1.0)
+    refs = [weakref.ref(a) for a in blocks.values()]
+    gc.disable()
+    try:
+        root = combine(blocks, 7)
+        del blocks, acc
+        assert refs[0]() is root and refs[1]() is None and refs[2]() is None
+    finally:
+        gc.enable()
+
+
+def test_absorb_gives_merges_bits_and_takes_the_tensors_over() -> None:
+    other = WeightedSum()
+    other.add_params({"w": torch.tensor([0.1, 0.2], dtype=torch.float32)}, 3.0)
+    other.add_params({"w": torch.tensor([0.3, 0.7], dtype=torch.float32)}, 5.0)
+    merged, absorbed = WeightedSum(), WeightedSum()
+    merged.merge(other)
+    held = other.sums["w"]
+    absorbed.absorb(other)
+    assert absorbed.sums["w"] is held and other.sums == {}
+    assert torch.equal(absorbed.sums["w"], merged.sums["w"]) and (absorbed.total, absorbed.count) == (merged.total, merged.count) == (8.0, 2)
+    # into a non-empty accumulator it merges
+    more = WeightedSum()
+    more.add_params({"w": torch.tensor([1.0, 1.0])}, 1.0)
+    more.absorb(merged)
+    assert torch.equal(more.sums["w"], torch.tensor([1.0, 1.0], dtype=torch.float64) + merged.sums["w"]) and more.count == 3
