@@ -10,6 +10,7 @@ nothing is kept on ``self``. ``local_update`` runs on a client and never sees ``
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -183,9 +184,10 @@ def check_result(expected: Mapping[str, torch.Tensor], result: ClientResult) -> 
             raise ClientError(f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
         if got.is_floating_point():
             floats.append(got)
-    # One pass for the common case: every norm is finite only if every value is. A norm can also
-    # overflow on large finite values, so a non-finite one is looked at tensor by tensor.
-    if floats and not bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all()):
+    # One pass for the common case: every norm is finite only if every value is, and their sum only
+    # if every norm is (summed as Python floats: fewer tensor operations). A norm or the sum can also
+    # overflow on large finite values, so a non-finite sum is looked at tensor by tensor.
+    if floats and not math.isfinite(sum(norm.item() for norm in torch._foreach_norm(floats))):
         for name in expected:
             got = result.params[name]
             if got.is_floating_point() and not bool(torch.isfinite(got).all()):
