@@ -117,3 +117,20 @@ def test_largest_and_smallest():
     assert smallest(tiers).name == "e"
     with pytest.raises(ValueError, match=r"devices\.tiers"):
         largest([])
+
+
+def test_fleet_infos_are_built_once_under_the_fixed_assignment_and_drawn_each_round_under_dynamic() -> None:
+    from fedhet.devices.fleet import Fleet
+
+    def fleet(assignment: str) -> Fleet:
+        n = 50
+        return Fleet(tiers=tuple(parse_tiers("a1-b1")), assignment=assignment, policy="tiered", seed=3,
+                     label_counts=((1, 2),) * n, num_train=(3,) * n, num_test=(1,) * n)
+
+    fixed = fleet("fixed")
+    first = fixed.infos(1)
+    first.pop()  # the caller's copy: the next round's list is whole
+    again = fixed.infos(7)
+    assert len(again) == 50 and again[:49] == first and [c.tier for c in again] == ["a"] * 25 + ["b"] * 25
+    dynamic = fleet("dynamic")
+    assert [c.tier for c in dynamic.infos(1)] != [c.tier for c in dynamic.infos(2)]
