@@ -126,6 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_run_header(run_dir, dump_config(cfg), run.world.dataset)
             record_command(run_dir, getattr(args, "command_line", None))
             print(f"run directory: {run_dir}", file=sys.stderr)
+            for sink in run.sinks:  # where the live view is: TensorBoard's folder, MLflow's store
+                if hasattr(sink, "view"):
+                    print(sink.view(run_dir, resume=bool(args.resume)), file=sys.stderr)
             print(run.world.dataset.summary(), file=sys.stderr)
             started = time.perf_counter()
             result = run_rounds(run, resume=bool(args.resume))
@@ -176,6 +179,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedhet.experiment.compare import check_out, load_comparison, run_comparison
     from fedhet.experiment.html_report import record_command
     from fedhet.experiment.report import print_table
+    from fedhet.experiment.sinks import Group
 
     overrides = list(args.overrides)
     if args.device:
@@ -186,6 +190,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
     check_out(cmp, out, args.overwrite)
     print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
+    for line in Group(cmp.name, out, cmp.variants).view_lines():  # the live view: TensorBoard, MLflow
+        print(line, file=sys.stderr)
     record_command(out, getattr(args, "command_line", None))
     rows = run_comparison(cmp, out, progress=args.progress, overwrite=args.overwrite)
     print_table(cmp.name, rows)
