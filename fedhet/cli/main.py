@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import signal
 import sys
 import threading
@@ -72,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedhet.experiment.checkpoint import load_checkpoint, missing_previous
     from fedhet.experiment.compare import summarize
     from fedhet.experiment.config import dump_config, load_config
+    from fedhet.experiment.html_report import record_command
     from fedhet.experiment.logging import write_run_header
     from fedhet.experiment.report import print_table
     from fedhet.experiment.rundir import check_free, claim, refuse_earlier_run
@@ -122,7 +124,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with claim(run_dir, fresh=not args.resume, overwrite=args.overwrite, from_previous=args.from_previous):
             write_run_header(run_dir, dump_config(cfg), run.world.dataset)
+            record_command(run_dir, getattr(args, "command_line", None))
             print(f"run directory: {run_dir}", file=sys.stderr)
+            for sink in run.sinks:  # where the live view is: TensorBoard's folder, MLflow's store
+                if hasattr(sink, "view"):
+                    print(sink.view(run_dir, resume=bool(args.resume)), file=sys.stderr)
             print(run.world.dataset.summary(), file=sys.stderr)
             started = time.perf_counter()
             result = run_rounds(run, resume=bool(args.resume))
@@ -171,7 +177,9 @@ def _check_run(cfg: Any, run_dir: Path) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedhet.experiment.compare import check_out, load_comparison, run_comparison
+    from fedhet.experiment.html_report import record_command
     from fedhet.experiment.report import print_table
+    from fedhet.experiment.sinks import Group
 
     overrides = list(args.overrides)
     if args.device:
@@ -182,9 +190,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _run_dir("runs", cmp.name)
     check_out(cmp, out, args.overwrite)
     print(f"comparison {cmp.name!r}: {len(cmp.variants)} variants -> {out}", file=sys.stderr)
+    for line in Group(cmp.name, out, cmp.variants).view_lines():  # the live view: TensorBoard, MLflow
+        print(line, file=sys.stderr)
+    record_command(out, getattr(args, "command_line", None))
     rows = run_comparison(cmp, out, progress=args.progress, overwrite=args.overwrite)
     print_table(cmp.name, rows)
-    print(f"report: {out / 'report.md'}  plot: {out / 'accuracy.png'}")
+    print(f"report: {out / 'report.md'}  html: {out / 'report.html'}  plot: {out / 'accuracy.png'}")
     return 0
 
 
@@ -204,11 +215,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not Path(d).is_dir():
             raise ConfigError(f"run folder {d!r} does not exist; allowed: folders fedhet run wrote (each with a metrics.jsonl)")
     try:
-        rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title, targets)
+        command = getattr(args, "command_line", None)
+        rows = report_from_dirs([Path(d) for d in args.run_dirs], out, args.title, targets, [command] if command else None)
     except ValueError as err:  # a folder without a readable round
         raise ConfigError(f"{err}; allowed: folders fedhet run wrote (each with a metrics.jsonl)") from None
     print_table(args.title, rows)
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {out / 'report.md'}  html: {out / 'report.html'}")
     return 0
 
 
@@ -545,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in rest if a not in extra]
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # what run folders and reports record as the command that made them
+    args.command_line = "fedhet " + shlex.join(sys.argv[1:] if argv is None else argv)
     # a config file given to `run` may be followed by overrides; an override alone is not a file
     if getattr(args, "config", None) and "=" in str(args.config) and args.command in ("run", "flower"):
         args.overrides = [args.config, *args.overrides]

@@ -22,6 +22,7 @@ from fedhet.data.federated import split_sizes
 from fedhet.devices import Availability, parse_tiers
 from fedhet.devices.fleet import Fleet, resolve_policy
 from fedhet.experiment.config import ConfigError, ExperimentConfig, parse_value
+from fedhet.experiment.sinks import make_sinks
 from fedhet.selection.base import ClientSelector
 from fedhet.server_opt import build_server_optimizer
 from fedhet.simulation.attacks import Attack
@@ -541,4 +542,5 @@ def build_run(
         devices_record=devices.record if devices is not None else None,
         aggregation=RobustRule(**cfg.aggregation.model_dump()),
         max_failed_rounds=cfg.runtime.max_failed_rounds,
+        sinks=make_sinks(cfg),
     )

@@ -174,40 +174,54 @@ def check_out(cmp: Comparison, out_dir: Path, overwrite: bool = False) -> None:
 def run_comparison(cmp: Comparison, out_dir: Path, *, progress: str | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run every variant into its own folder under ``out_dir``. A variant's folder that another run
     is writing is refused, and so is one that holds an earlier run unless ``overwrite`` (checked for
-    every variant before the first starts); folders of variants not run here are left as they are."""
+    every variant before the first starts); folders of variants not run here are left as they are.
+    The variants' sinks (``logging.sinks``) are grouped: TensorBoard sub-folders of
+    ``out_dir/tensorboard``, one MLflow experiment whose parent run gets the report."""
     from fedhet.experiment.build import build_run, load_federated
     from fedhet.experiment.logging import write_run_header
     from fedhet.experiment.rundir import claim
+    from fedhet.experiment.sinks import Group, make_sinks
     from fedhet.simulation.loop import run_rounds
 
     check_out(cmp, out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    data_cache: dict[str, Any] = {}
-    for vname, cfg in cmp.variants.items():
-        if progress is not None:
-            cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"progress": progress})})
-        run_dir = out_dir / run_dir_name(vname)
-        key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
-        if key not in data_cache:
-            data_cache[key] = load_federated(cfg)
-        where = f"--out (variant {vname!r})"
-        with claim(run_dir, fresh=True, overwrite=overwrite, where=where, resume_hint=False):
-            write_run_header(run_dir, dump_config(cfg), data_cache[key])
-            t0 = time.perf_counter()
-            run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
-            try:
-                result = run_rounds(run)
-            finally:
-                run.executor.close()
-        rows.append(summarize(vname, result.history, time.perf_counter() - t0))
-    # variants of earlier runs into the same folder stay in the summary and report (``--only``)
-    summary = out_dir / "summary.json"
-    ran = {r["variant"] for r in rows}
-    earlier = [r for r in json.loads(summary.read_text()) if r["variant"] not in ran] if summary.exists() else []
-    rows = earlier + rows
-    summary.write_text(json.dumps(rows, indent=2))
-    from fedhet.experiment.report import write_report
+    group = Group(cmp.name, out_dir, cmp.variants)
+    group.start()
+    status = "failed"
+    try:
+        rows = []
+        data_cache: dict[str, Any] = {}
+        for vname, cfg in cmp.variants.items():
+            if progress is not None:
+                cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update={"progress": progress})})
+            run_dir = out_dir / run_dir_name(vname)
+            key = json.dumps([cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
+            if key not in data_cache:
+                data_cache[key] = load_federated(cfg)
+            where = f"--out (variant {vname!r})"
+            with claim(run_dir, fresh=True, overwrite=overwrite, where=where, resume_hint=False):
+                write_run_header(run_dir, dump_config(cfg), data_cache[key])
+                t0 = time.perf_counter()
+                run = build_run(cfg.model_copy(update={"name": vname}), run_dir, dataset=data_cache[key])
+                run.sinks = make_sinks(cfg, group.context(cfg, vname))
+                try:
+                    result = run_rounds(run)
+                finally:
+                    run.executor.close()
+            rows.append(summarize(vname, result.history, time.perf_counter() - t0))
+        # variants of earlier runs into the same folder stay in the summary and report (``--only``)
+        summary = out_dir / "summary.json"
+        ran = {r["variant"] for r in rows}
+        earlier = [r for r in json.loads(summary.read_text()) if r["variant"] not in ran] if summary.exists() else []
+        rows = earlier + rows
+        summary.write_text(json.dumps(rows, indent=2))
+        from fedhet.experiment.report import write_report
 
-    write_report(out_dir, cmp.name, rows, {r["variant"]: out_dir / run_dir_name(r["variant"]) for r in rows})
+        write_report(out_dir, cmp.name, rows, {r["variant"]: out_dir / run_dir_name(r["variant"]) for r in rows})
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "stopped"
+        raise
+    finally:
+        group.finish(status)
     return rows

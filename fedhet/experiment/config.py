@@ -480,7 +480,7 @@ class EvalConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """Where run folders go and how progress shows."""
+    """Where run folders go, how progress shows, and where else the metrics go (TensorBoard, MLflow)."""
 
     dir: str = Field("runs", description="folder under which run folders are created")
     progress: Literal["auto", "bar", "lines", "off"] = Field(
@@ -493,6 +493,42 @@ class LoggingConfig(_Section):
         "eval only rounds that evaluate the clients; rounds that evaluate the clients always write theirs "
         "(the per-client distribution), and metrics.jsonl always has every round's summaries",
     )
+
+    sinks: list[str] = Field(
+        default_factory=list,
+        description="where else each round's metrics go: tensorboard (event files; fedhet run prints the "
+        'tensorboard --logdir command), mlflow (a tracking store); each needs its extra: pip install "fedhet[tensorboard]", '
+        '"fedhet[mlflow]"',
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="the MLflow tracking URI (unset: sqlite:///DIR/mlruns/mlflow.db, DIR being logging.dir, with "
+        "the artifacts in DIR/mlruns/artifacts)",
+    )
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_list(cls, v: Any) -> Any:
+        # logging.sinks=tensorboard or =tensorboard,mlflow on the command line
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return [] if v is None else v
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks(cls, v: list[str]) -> list[str]:
+        from fedhet.experiment.sinks import SINKS, missing_package
+
+        for name in v:
+            if name not in SINKS:
+                raise ValueError(f"got {name!r}, allowed: a list of {', '.join(SINKS.names())}")
+        if len(set(v)) < len(v):
+            raise ValueError(f"got {v!r}, allowed: each sink once")
+        for name in v:
+            missing = missing_package(name)
+            if missing:
+                raise ValueError(missing)
+        return v
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -3,12 +3,14 @@ rows, and a live progress display (a bar on a terminal, plain log lines otherwis
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class RunLog:
-    """Appends one metrics row per round (and per-client rows) to the run directory."""
+    """Appends one metrics row per round (and per-client rows) to the run directory, and hands each
+    round to the run's other sinks (``logging.sinks``: TensorBoard, MLflow; see
+    :mod:`fedhet.experiment.sinks`). It is the run folder's own sink: ``log_round``, ``checkpoint``
+    and ``close`` are the sink calls, made by the round loop.
 
-    def __init__(self, run_dir: Path, resume_round: int | None = None) -> None:
+    A sink that fails mid-run is turned off for the rest of the run with a warning (the run and its
+    run folder go on); one that cannot start raises before the first round."""
+
+    def __init__(self, run_dir: Path, resume_round: int | None = None, sinks: Sequence[Any] = ()) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume_round is not None:
@@ -79,8 +87,37 @@ class RunLog:
         self._columns: dict[str, None] = {}
         if self.rows:
             self._write_csv()
+        self.sinks: list[Any] = []
+        try:
+            for sink in sinks:
+                sink.start(self.dir, resume_round)
+                self.sinks.append(sink)
+        except BaseException:
+            self.close("failed")
+            raise
+        if resume_round is None:
+            from fedhet.experiment.sinks import prune_record
 
-    def log_round(self, row: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+            prune_record(self.dir, _sink_names(sinks))
+
+    def _each(self, call: str, *args: Any) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, call)(*args)
+            except Exception as err:  # noqa: BLE001 - a tracking service's failure must not end the run
+                self.sinks.remove(sink)
+                print(
+                    f"warning: logging sink {_sink_name(sink)} failed ({type(err).__name__}: {err}); it is off for the "
+                    "rest of this run (the run folder has every round; --resume sends it the rounds it missed)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                with contextlib.suppress(Exception):
+                    sink.close("failed")
+
+    def log_round(self, row: dict[str, Any], clients: list[dict[str, Any]], evaluated: bool = False) -> None:
+        """Write round ``row["round"]``'s row and client rows; ``evaluated``: the round evaluated
+        the clients (their rows hold ``eval_<metric>``)."""
         row = {k: _clean(v) for k, v in row.items()}
         if clients:
             with open(self.dir / CLIENTS, "a") as f:
@@ -92,6 +129,21 @@ class RunLog:
             self._append_csv(row)  # the usual case: one line, not the whole file again
         else:
             self._write_csv()
+        if self.sinks:
+            self._each("log_round", row, clients, evaluated)
+
+    def checkpoint(self, rnd: int) -> None:
+        """The checkpoint of round ``rnd`` is written: the rounds up to it are what a resume keeps."""
+        self._each("checkpoint", rnd)
+
+    def close(self, status: str = "finished") -> None:
+        """End the sinks: ``status`` is finished, stopped (interrupted) or failed."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close(status)
+            except Exception as err:  # noqa: BLE001
+                print(f"warning: logging sink {_sink_name(sink)} did not close cleanly: {err}", file=sys.stderr, flush=True)
 
     def _write_csv(self) -> None:
         """The whole CSV again, with every column seen so far (a new column appeared)."""
@@ -109,6 +161,16 @@ class RunLog:
         csv.DictWriter(buf, fieldnames=list(self._columns)).writerow(row)
         with open(self.dir / CSV, "a") as f:
             f.write(buf.getvalue())
+
+
+def _sink_name(sink: Any) -> str:
+    from fedhet.experiment.sinks import SINKS
+
+    return next((name for name, cls in SINKS.items() if isinstance(sink, cls)), type(sink).__name__)
+
+
+def _sink_names(sinks: Sequence[Any]) -> list[str]:
+    return [_sink_name(s) for s in sinks]
 
 
 class Progress:

@@ -476,10 +476,17 @@ def data_lines(run_dirs: dict[str, Path]) -> list[str]:
 
 
 def write_report(
-    out_dir: Path, title: str, rows: list[dict[str, Any]], run_dirs: dict[str, Path], targets: list[float] | None = None
+    out_dir: Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    run_dirs: dict[str, Path],
+    targets: list[float] | None = None,
+    commands: list[str] | None = None,
 ) -> Path:
-    """``report.md`` and its plots in ``out_dir``; ``targets``: the scores of the time-to-accuracy
-    table (default: :func:`default_targets`)."""
+    """``report.md``, its plots and ``report.html`` (the same, self-contained, with each run's
+    per-client results, resolved config and commands) in ``out_dir``; ``targets``: the scores of the
+    time-to-accuracy table (default: :func:`default_targets`); ``commands``: the command lines that
+    made the report (shown in the HTML report beside those the run folders recorded)."""
     plot = plot_curves(run_dirs, out_dir / "accuracy.png", title)
     wplot = plot_widths(rows, out_dir / "accuracy_per_width.png", title)
     text = [
@@ -556,13 +563,21 @@ def write_report(
             text += [f"![mean client accuracy against round]({curve.name})", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(text))
+    from fedhet.experiment.html_report import write_html
+
+    write_html(out_dir, "\n".join(text), run_dirs, commands)
     return path
 
 
 def report_from_dirs(
-    run_dirs: list[Path], out_dir: Path, title: str = "fedhet report", targets: list[float] | None = None
+    run_dirs: list[Path],
+    out_dir: Path,
+    title: str = "fedhet report",
+    targets: list[float] | None = None,
+    commands: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Summarise finished run directories (each with metrics.jsonl) into a table, plot and report."""
+    """Summarise finished run directories (each with metrics.jsonl) into a table, plots, a Markdown
+    report and its HTML page (``commands``: the command lines that made it, for the page)."""
     from fedhet.experiment.compare import summarize
 
     rows = []
@@ -574,7 +589,7 @@ def report_from_dirs(
         rows.append(summarize(Path(d).name, hist, sum(r.get("seconds") or 0 for r in hist)))
         dirs[Path(d).name] = Path(d)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, title, rows, dirs, targets)
+    write_report(out_dir, title, rows, dirs, targets, commands)
     return rows
 
 

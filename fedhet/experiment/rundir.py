@@ -36,7 +36,7 @@ except ImportError:  # not a POSIX system
 
 LOCK = "fedhet.lock"
 #: what a run writes into its folder and ``overwrite`` removes (config.yaml and dataset.json are rewritten)
-RESULTS = (LATEST, PREVIOUS, "metrics.jsonl", "clients.jsonl", "metrics.csv", "devices.json")
+RESULTS = (LATEST, PREVIOUS, "metrics.jsonl", "clients.jsonl", "metrics.csv", "devices.json", "commands.txt")
 #: seconds to wait for a lock whose recorded holder has ended (its forked children close their copies)
 SETTLE_S = 5.0
 

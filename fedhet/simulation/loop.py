@@ -74,6 +74,8 @@ class Run:
     aggregation: RobustRule | None = None
     #: stop after this many rounds in a row with no usable client result (``None``: never)
     max_failed_rounds: int | None = None
+    #: where else the rounds go (``logging.sinks``: TensorBoard, MLflow), besides the run folder
+    sinks: Sequence[Any] = ()
     _costs: dict[Any, ModelCost] = field(default_factory=dict, repr=False)
 
 
@@ -333,8 +335,9 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             file=sys.stderr,
         )
     accumulator(run, state, start)  # an algorithm without robust aggregation refuses a rule before training
-    log = RunLog(run.run_dir, resume_round=start - 1 if resume else None)
+    log = RunLog(run.run_dir, resume_round=start - 1 if resume else None, sinks=run.sinks)
     progress = Progress(run.rounds, start, run.name, run.progress)
+    status = "failed"  # what the sinks are told at the end
     try:
         for rnd in range(start, run.rounds + 1):
             t0 = time.perf_counter()
@@ -475,7 +478,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     file=sys.stderr,
                 )
             due = _client_rows_due(run.client_rows, rnd, evaluating and run.eval_clients)
-            log.log_round(row, client_rows if due else [])
+            log.log_round(row, client_rows if due else [], evaluated=evaluating and run.eval_clients)
             if rnd % run.checkpoint_every == 0 or rnd == run.rounds:
                 save_checkpoint(
                     run.run_dir,
@@ -489,6 +492,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                         "fedhet_version": __version__,
                     },
                 )
+                log.checkpoint(rnd)
             progress.update(rnd, row)
             if run.on_round is not None:
                 run.on_round(rnd, row)
@@ -498,6 +502,11 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                     f"runtime.max_failed_rounds: {failed_in_a_row} rounds in a row (to round {rnd}) had no usable client "
                     f"result; the run stops (--resume continues it from its last checkpoint). One of the last errors: {last}"
                 )
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "stopped"
+        raise
     finally:
         progress.close()
+        log.close(status)
     return RunResult(params=alg.global_params(state), state=state, history=log.rows, run_dir=run.run_dir)

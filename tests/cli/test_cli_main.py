@@ -105,6 +105,7 @@ def test_run_writes_the_run_directory(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint.pt",
         "clients.jsonl",
+        "commands.txt",
         "config.yaml",
         "dataset.json",
         "metrics.csv",
@@ -118,6 +119,9 @@ def test_run_writes_the_run_directory(tmp_path, capsys):
     )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1]
+    assert (run_dir / "commands.txt").read_text() == f"fedhet run --run-dir {run_dir} {' '.join(TINY)}\n".replace(
+        "model.options={hidden: [4]}", "'model.options={hidden: [4]}'"
+    )
 
 
 def test_run_with_a_config_file_and_overrides(tmp_path, capsys):
