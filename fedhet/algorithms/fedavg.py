@@ -146,6 +146,10 @@ class FedAvg(Algorithm[ServerState]):
             load_params_for(model, task.params, ctx.eval_pass)  # evaluation alone does not change it
         return evaluate(model, ctx.test, device=ctx.device)
 
+    def evaluates_as_sent(self, task: ClientTask) -> bool:
+        # without fine-tuning, and where a subclass has not replaced the evaluation
+        return self.finetune == 0 and type(self).evaluate_client is FedAvg.evaluate_client
+
     def loss_terms(self, task: ClientTask, ctx: ClientContext, anchor: Mapping[str, torch.Tensor]) -> list[LossTerm]:
         """Extra terms of the local objective (none for FedAvg). ``anchor``: the received θ_g."""
         return []

@@ -142,6 +142,15 @@ class Algorithm(Generic[S]):
         load_params_for(model, task.params, ctx.eval_pass)
         return evaluate(model, ctx.test, device=ctx.device)
 
+    def evaluates_as_sent(self, task: ClientTask) -> bool:
+        """Whether ``evaluate_client`` for ``task`` is :func:`~fedhet.training.local.evaluate` of
+        the task's model as sent (``task.params`` at ``task.config``) on the client's test split,
+        using nothing else of the client's. Executors may then evaluate clients sent the very same
+        parameters together, several test splits through one forward
+        (:func:`~fedhet.training.local.evaluate_grouped`). Default: where ``evaluate_client`` is
+        this class's own; an algorithm that overrides it says here when it is still so."""
+        return type(self).evaluate_client is Algorithm.evaluate_client
+
     def probe(self, task: ClientTask, ctx: ClientContext, what: str, batch: int | None = None) -> torch.Tensor:
         """What the server may ask a client about the task's model on the client's training data:
         a selector, before the round, the ``loss`` or ``grad`` (on all of it or a ``batch`` of it; see

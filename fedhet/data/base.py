@@ -33,11 +33,23 @@ class ArrayDataset:
         return ArrayDataset(self.x[index], self.y[index], self.task)
 
     def batches(
-        self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        order: torch.Tensor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Mini-batches in a random order drawn from ``generator`` (sequential order when ``None``)."""
+        """Mini-batches in a random order drawn from ``generator``, or in ``order`` (a permutation
+        of the examples' indices), or in sequential order when neither is given."""
         n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else None
+        if order is not None:
+            if generator is not None:
+                raise ValueError("batches: give a generator or an order, not both")
+            if order.shape != (n,):
+                raise ValueError(f"batches: order has shape {tuple(order.shape)}; allowed: ({n},), a permutation of the {n} examples")
+        elif generator is not None:
+            order = torch.randperm(n, generator=generator)
         stop = n - (n % batch_size) if drop_last else n
         for start in range(0, stop, batch_size):
             if order is None:

@@ -69,25 +69,49 @@ class Task:
         """How many targets of a batch the loss averages over (examples; tokens for tagging)."""
         return int(y.shape[0])
 
+    #: whether :meth:`split_metrics` is defined (several clients' examples scored in one pass)
+    splits_metrics = False
+
+    def split_metrics(self, output: torch.Tensor, target: torch.Tensor, sizes: Sequence[int]) -> list[dict[str, float]]:
+        """The metrics of consecutive runs of ``sizes`` examples of one output (several clients'
+        test splits evaluated in one forward), each as ``fedhet.training.local.evaluate`` reports
+        one dataset's: ``loss`` (the mean per-example loss, summed in float64), the task's metrics,
+        ``score`` and ``examples``."""
+        raise NotImplementedError(f"task {self.kind!r} does not score several datasets in one pass")
+
+
+def empty_metrics(primary: str) -> dict[str, float]:
+    """The metrics of a dataset with no examples."""
+    return {"loss": math.nan, primary: math.nan, "score": math.nan, "examples": 0.0}
+
 
 # ----------------------------------------------------------------------------- classification
 
 
 class _ClassMeter(Meter):
+    """Accuracy as a running count of correct predictions; with ``f1``, the predictions are kept
+    for the F1 score."""
+
     def __init__(self, f1: bool) -> None:
         self.f1 = f1
         self.pred: list[torch.Tensor] = []
         self.true: list[torch.Tensor] = []
+        self.correct = 0
+        self.count = 0
 
     def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        self.pred.append(_logits(output).argmax(dim=1).cpu())
-        self.true.append(target.cpu())
+        pred = _logits(output).argmax(dim=1)
+        self.correct += int((pred == target).sum())
+        self.count += int(target.shape[0])
+        if self.f1:
+            self.pred.append(pred.cpu())
+            self.true.append(target.cpu())
 
     def result(self) -> dict[str, float]:
-        pred, true = torch.cat(self.pred), torch.cat(self.true)
-        out = {"accuracy": float((pred == true).double().mean())}
+        # correct / count is the mean of the 0/1 hits in float64, to the bit
+        out = {"accuracy": self.correct / self.count if self.count else math.nan}
         if self.f1:
-            out["f1"] = binary_f1(pred.numpy(), true.numpy())
+            out["f1"] = binary_f1(torch.cat(self.pred).numpy(), torch.cat(self.true).numpy()) if self.pred else 0.0
         return out
 
 
@@ -110,6 +134,35 @@ class Classification(Task):
 
     def meter(self) -> Meter:
         return _ClassMeter(self.f1)
+
+    splits_metrics = True
+
+    def split_metrics(self, output: torch.Tensor, target: torch.Tensor, sizes: Sequence[int]) -> list[dict[str, float]]:
+        output = _logits(output)
+        if output.dim() != 2 or target.dim() != 1 or output.shape[0] != target.shape[0] or sum(sizes) != target.shape[0]:
+            raise ValueError(
+                f"split_metrics: output {tuple(output.shape)}, target {tuple(target.shape)} and sizes summing to {sum(sizes)}; "
+                "allowed: (N, classes), (N,) and sizes summing to N"
+            )
+        losses = F.cross_entropy(output, target, reduction="none").double().cpu()
+        pred = output.argmax(dim=1)
+        hits = (pred == target).cpu()
+        segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.long))
+        loss_sums = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, segment, losses).tolist()
+        correct = torch.zeros(len(sizes), dtype=torch.long).index_add_(0, segment, hits.long()).tolist()
+        if self.f1:
+            pred_np, true_np = pred.cpu().numpy(), target.cpu().numpy()
+        out, start = [], 0
+        for n, loss, hit in zip(sizes, loss_sums, correct):
+            if n == 0:
+                out.append(empty_metrics(self.primary))
+                continue
+            m = {"loss": loss / n, "accuracy": hit / n}
+            if self.f1:
+                m["f1"] = binary_f1(pred_np[start : start + n], true_np[start : start + n])
+            out.append({**m, "score": m[self.primary], "examples": float(n)})
+            start += n
+        return out
 
     def correct(self, output: torch.Tensor, target: torch.Tensor) -> int:
         if output.dim() == 2 and target.dim() == 1:

@@ -368,6 +368,7 @@ def build_world(cfg: ExperimentConfig, fed: Any, device: str | None = None) -> C
         upload_levels=cfg.communication.levels,
         attack=attack,
         attackers=attackers,
+        group_eval=cfg.eval.group_clients,
     )
     try:
         world.build_model(ModelSize().as_config())

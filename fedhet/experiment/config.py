@@ -477,6 +477,12 @@ class EvalConfig(_Section):
 
     every: int = Field(1, ge=1, description="evaluate every this many rounds (and in the last one)")
     clients: bool = Field(True, description="also evaluate each client on its own held-out split")
+    group_clients: bool = Field(
+        True,
+        description="evaluate clients sent the same model together: their small test splits through shared "
+        "forwards of up to 256 examples (models whose examples do not interact, classification); the metrics are "
+        "those of one client at a time to float rounding, the same on every executor; false: one client at a time",
+    )
 
 
 class LoggingConfig(_Section):

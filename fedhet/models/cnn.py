@@ -39,6 +39,9 @@ class CNN(nn.Module):
     """``convs.{i}`` are the 5x5 conv layers (each: conv, [scaler, norm,] ReLU, maxpool 2), ``fc`` the
     hidden fully connected layer and ``head`` the classifier (always ``num_classes`` outputs)."""
 
+    #: evaluation maps each example on its own (fedhet.training.local.rows_independent)
+    rowwise_eval = True
+
     def __init__(
         self,
         in_channels: int,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedhet.data.base import ArrayDataset
-from fedhet.training.local import eval_order
+from fedhet.training.local import eval_permutation
 
 NORMS = ("bn", "batch", "gn", "none")
 #: the federated query a client answers with :func:`bn_sums` (``Algorithm.probe``)
@@ -29,6 +29,9 @@ class Scaler(nn.Module):
     """Divides its input by ``rate`` (the model's width relative to the global model) in training
     mode only, so that a narrow sub-model's activations keep the full model's scale (HeteroFL's
     scaler, Split-Mix's ``rescale_layer``). Identity in evaluation and when ``rate`` is 1."""
+
+    #: evaluation maps each example on its own (fedhet.training.local.rows_independent)
+    rowwise_eval = True
 
     def __init__(self, rate: float = 1.0) -> None:
         super().__init__()
@@ -110,7 +113,7 @@ def bn_sums(model: nn.Module, data: ArrayDataset, *, batch_size: int = 256, devi
     batches = 0
     try:
         # a fixed shuffled order: class-sorted storage must not bias the within-batch variances
-        for x, _ in data.batches(batch_size, generator=eval_order()):
+        for x, _ in data.batches(batch_size, order=eval_permutation(len(data))):
             out(x.to(dev))
             batches += 1
     finally:

@@ -33,6 +33,9 @@ class MLP(nn.Module):
     block and returns a list of logits, shallowest first.
     """
 
+    #: evaluation maps each example on its own (fedhet.training.local.rows_independent)
+    rowwise_eval = True
+
     def __init__(
         self,
         in_features: int,

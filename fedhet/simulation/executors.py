@@ -18,11 +18,7 @@ from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
 from fedhet.simulation.reduce import Block, BlockFolder, aligned_blocks, combine
 from fedhet.simulation.store import ClientStore
-from fedhet.simulation.world import ClientOutcome, ClientWorld, run_eval, run_probe, run_train
-
-#: one client's work: (client id, task, info, store entry)
-Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
-
+from fedhet.simulation.world import ClientOutcome, ClientWorld, Job, eval_groups, run_eval_group, run_probe, run_train
 
 #: The executors and what each does, in one sentence (``fedhet list``).
 EXECUTORS = {
@@ -156,7 +152,10 @@ class SequentialExecutor(Executor):
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo]
     ) -> dict[int, Metrics | str]:
         token = object()  # one evaluation pass: clients sent the same parameters share one load
-        return {cid: run_eval(algorithm, self.world, infos[cid], tasks[cid], self.store.get(cid), token) for cid in sorted(tasks)}
+        out: dict[int, Metrics | str] = {}
+        for group in eval_groups(algorithm, self.world, sorted(tasks), tasks, infos):
+            out.update(run_eval_group(algorithm, self.world, [(c, tasks[c], infos[c], self.store.get(c)) for c in group], token))
+        return out
 
     def probe(
         self, algorithm: Algorithm[Any], tasks: dict[int, ClientTask], infos: dict[int, ClientInfo], what: str, batch: int | None = None
@@ -220,7 +219,7 @@ class Recorder(ClientStore):
 
 # A request is a tuple whose first item is its kind and whose last item is its jobs:
 #   ("train", algorithm, empty accumulator, first leaf, jobs)
-#   ("eval", algorithm, jobs)
+#   ("eval", algorithm, sizes of its eval groups, jobs)
 #   ("probe", algorithm, what, batch, jobs)
 
 
@@ -234,9 +233,14 @@ def handle_request(world: ClientWorld, request: tuple[Any, ...]) -> Any:
         part, blocks = train_share(algorithm, world, jobs, lo, template, stores)
         return part, blocks, stores.saved
     if kind == "eval":
-        _, algorithm, jobs = request
+        _, algorithm, sizes, jobs = request
         token = object()
-        return {cid: run_eval(algorithm, world, info, task, store, token) for cid, task, info, store in jobs}
+        out: dict[int, Any] = {}
+        start = 0
+        for size in sizes:
+            out.update(run_eval_group(algorithm, world, jobs[start : start + size], token))
+            start += size
+        return out
     if kind == "probe":
         _, algorithm, what, batch, jobs = request
         return {cid: run_probe(algorithm, world, info, task, store, what, batch) for cid, task, info, store in jobs}
@@ -312,8 +316,13 @@ class ShardedExecutor(Executor):
         cids = sorted(tasks)
         if not cids:
             return {}
-        shares = self._shares(cids, [infos[c].num_test + 1.0 for c in cids])
-        requests = {w: ("eval", algorithm, self._jobs(share, tasks, infos)) for w, share in shares.items()}
+        # shares are cut between eval groups, so that every executor evaluates the same groups
+        groups = eval_groups(algorithm, self.world, cids, tasks, infos)
+        weights = [sum(infos[c].num_test + 1.0 for c in g) for g in groups]
+        shares, requests = {}, {}
+        for w, share in self._shares(list(range(len(groups))), weights).items():
+            shares[w] = [c for g in share for c in groups[g]]
+            requests[w] = ("eval", algorithm, [len(groups[g]) for g in share], self._jobs(shares[w], tasks, infos))
         return self._gather(requests, shares, cids)
 
     def probe(

@@ -8,6 +8,7 @@ run, guarded and checked, for every executor.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from fedhet.communication.upload import PackedUpload, pack_upload, unpack_upload
 from fedhet.core import rng
-from fedhet.core.algorithm import Algorithm, check_examples, model_params
+from fedhet.core.algorithm import Algorithm, check_examples, load_params_for, model_params
 from fedhet.core.context import ClientContext
 from fedhet.core.messages import ClientInfo, ClientResult, ClientTask, ModelSize
 from fedhet.core.types import Config, ConfigKey, Metrics, Params, config_key
@@ -25,8 +26,12 @@ from fedhet.models import build_model
 from fedhet.models.ensemble import Ensemble
 from fedhet.models.moe import MixtureOfExperts
 from fedhet.simulation.attacks import Attack
+from fedhet.training.local import evaluate_grouped, rows_independent
 
 SIZE_KEYS = ("width", "depth", "density")
+
+#: one client's work: (client id, task, info, store entry)
+Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
 
 
 
@@ -42,7 +47,10 @@ class ClientWorld:
     #: what the simulated attackers do (``fedhet.simulation.attacks``), and which clients they are
     attack: Attack | None = None
     attackers: frozenset[int] = frozenset()
+    #: evaluate clients sent the same parameters together (``eval.group_clients``; see ``eval_groups``)
+    group_eval: bool = True
     _models: dict[ConfigKey, nn.Module] = field(default_factory=dict, repr=False)
+    _rowwise: dict[ConfigKey, bool] = field(default_factory=dict, repr=False)
     _initial: dict[ConfigKey, Params] = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,6 +124,13 @@ class ClientWorld:
             model = self._models[key] = self._new_model(config)
             self._initial.setdefault(key, {k: v.cpu() for k, v in model_params(model).items()})
         return model
+
+    def rows_independent(self, config: Config) -> bool:
+        """Whether the model of ``config`` evaluates each example on its own (asked once a config)."""
+        key = config_key(config)
+        if key not in self._rowwise:
+            self._rowwise[key] = rows_independent(self.build_model(config))
+        return self._rowwise[key]
 
     def initial_params(self, config: Config) -> Params:
         """The seeded initial parameters of a model of ``config`` (the same in every process)."""
@@ -206,6 +221,66 @@ def run_probe(
         return value
     except Exception as exc:
         return f"round {task.round}, client {info.id}, probe {what}: {type(exc).__name__}: {exc}"
+
+
+#: clients evaluated together hold at most this many test examples between them: one forward of
+#: the size of an evaluation batch, so memory is that of evaluating one client
+GROUP_ROWS = 256
+
+
+def eval_groups(
+    algorithm: Algorithm[Any], world: ClientWorld, cids: Sequence[int], tasks: Mapping[int, ClientTask], infos: Mapping[int, ClientInfo]
+) -> list[list[int]]:
+    """``cids`` (in their order) cut into runs evaluated together: consecutive clients sent the
+    very same parameter dict at the same config, whose evaluation is that of the model as sent
+    (``Algorithm.evaluates_as_sent``), of a model whose examples do not interact in evaluation and a
+    task that scores several splits in one pass, holding at most :data:`GROUP_ROWS` test examples
+    between them; every other client is a group of one, evaluated by ``run_eval`` as before.
+
+    The groups depend on the tasks alone, never on how an executor shares the clients out (a
+    sharded executor cuts its shares between groups), so every executor computes the same numbers.
+    With thousands of clients of a few examples each this turns thousands of small forwards into
+    tens of full ones (``benchmarks/bench_fedavg.py --workload mlp --configs plain_eval,eval``)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    key: tuple[int, ConfigKey] | None = None
+    can_group = world.group_eval and world.dataset.task.splits_metrics
+    for cid in cids:
+        task, n = tasks[cid], infos[cid].num_test
+        k = None
+        if can_group and n <= GROUP_ROWS and algorithm.evaluates_as_sent(task) and world.rows_independent(task.config):
+            k = (id(task.params), config_key(task.config))
+        if k is not None and k == key and rows + n <= GROUP_ROWS:
+            current.append(cid)
+            rows += n
+            continue
+        if current:
+            groups.append(current)
+        current, rows, key = [cid], n, k
+    if current:
+        groups.append(current)
+    return groups
+
+
+def run_eval_group(algorithm: Algorithm[Any], world: ClientWorld, jobs: Sequence[Job], eval_pass: object | None = None) -> dict[int, Metrics | str]:
+    """Evaluate a group of ``eval_groups`` (``jobs``: ``(cid, task, info, store)`` each): one
+    client through ``run_eval``; several through shared forwards of the model they were all sent
+    (``evaluate_grouped``), drawing from torch's global RNG seeded by the first client's key. Should
+    that fail, each client of the group is evaluated on its own, so a client whose split cannot be
+    batched with the others (a different shape, say) fails alone."""
+    if len(jobs) > 1:
+        cid, task = jobs[0][0], jobs[0][1]
+        try:
+            with torch.no_grad(), rng.seeded(world.seed, "global", "eval", task.round, cid):
+                model = world.build_model(task.config)
+                load_params_for(model, task.params, eval_pass)
+                tests = [world.dataset.clients_test[job[0]] for job in jobs]
+                metrics = evaluate_grouped(model, tests, device=world.torch_device)
+            return {job[0]: m for job, m in zip(jobs, metrics)}
+        except Exception:  # noqa: BLE001 - each client again on its own, with its own error
+            pass
+    return {c: run_eval(algorithm, world, info, task, store, eval_pass) for c, task, info, store in jobs}
 
 
 def run_eval(

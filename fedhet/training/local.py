@@ -7,6 +7,7 @@ corrections). Nothing copies this loop.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhet.data.base import ArrayDataset, Transform
+from fedhet.data.tasks import empty_metrics
 
 #: local optimizers (``LocalTraining.optimizer``)
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -222,6 +224,21 @@ def eval_order() -> torch.Generator:
     return torch.Generator().manual_seed(EVAL_ORDER_SEED)
 
 
+@functools.lru_cache(maxsize=64)
+def eval_permutation(n: int) -> torch.Tensor:
+    """The fixed evaluation order of a dataset of ``n`` examples (``randperm`` drawn from
+    :func:`eval_order`), kept for the sizes last seen: thousands of clients of a few sizes are
+    evaluated every evaluation round. Read-only: callers index with it and never write into it."""
+    return torch.randperm(n, generator=eval_order())
+
+
+def set_eval(model: nn.Module) -> None:
+    """``model.eval()`` where any of its modules is in training mode (setting the flag goes through
+    every module's ``__setattr__``; a model reused across clients is already in eval mode)."""
+    if any(m.training for m in model.modules()):
+        model.eval()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -242,11 +259,11 @@ def evaluate(
     device = device or torch.device("cpu")
     loss_fn = loss_fn or data.task.loss
     meter = data.task.meter()
-    model.eval()
+    set_eval(model)
     total_loss = 0.0
     loss_weight = 0
     n_total = 0
-    for x, y in data.batches(batch_size, generator=eval_order()):
+    for x, y in data.batches(batch_size, order=eval_permutation(len(data))):
         x = x.to(device)
         y = y.to(device)
         output = model(x)
@@ -260,10 +277,69 @@ def evaluate(
         meter.add(output, y)
         n_total += n
     if n_total == 0:
-        return {"loss": math.nan, data.task.primary: math.nan, "score": math.nan, "examples": 0.0}
+        return empty_metrics(data.task.primary)
     metrics = meter.result()
     loss = total_loss / loss_weight if loss_weight else math.nan
     return {"loss": loss, **metrics, "score": metrics[data.task.primary], "examples": float(n_total)}
+
+
+#: torch modules whose output for an example depends on that example alone (in evaluation mode);
+#: exact types, as a subclass may change ``forward``
+ROWWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
+    nn.Sigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Embedding, nn.LayerNorm,
+    nn.GroupNorm, nn.Sequential, nn.ModuleList, nn.ModuleDict,
+)
+
+
+def rows_independent(model: nn.Module) -> bool:
+    """Whether ``model`` in evaluation mode maps each example on its own, so that several datasets
+    may share one forward (:func:`evaluate_grouped`): every module is one of
+    :data:`ROWWISE_MODULES`, a batch norm with running statistics (not the batch statistics of
+    HeteroFL's static BN), or of a class that says so itself with a class attribute
+    ``rowwise_eval = True`` (fedhet's MLP and CNN; a subclass must say so again)."""
+    for m in model.modules():
+        kind = type(m)
+        if kind in ROWWISE_MODULES or kind.__dict__.get("rowwise_eval") is True:
+            continue
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None:
+            continue
+        return False
+    return True
+
+
+@torch.no_grad()
+def evaluate_grouped(
+    model: nn.Module, datasets: Sequence[ArrayDataset], *, batch_size: int = 256, device: torch.device | None = None
+) -> list[dict[str, float]]:
+    """:func:`evaluate` of one model on several datasets (clients' test splits) through shared
+    forwards: their examples concatenated in order and run in batches of ``batch_size``, each
+    dataset's metrics then taken from its rows (``Task.split_metrics``). For a model whose examples
+    do not interact (:func:`rows_independent`) the metrics are those of evaluating each dataset on
+    its own up to float rounding (the loss is summed in float64; the logits of one example may
+    differ in the last bit between batch sizes)."""
+    if not datasets:
+        return []
+    task = datasets[0].task
+    if any(d.task != task for d in datasets):
+        raise ValueError("evaluate_grouped: the datasets pose different tasks; allowed: one task")
+    if not task.splits_metrics:
+        raise ValueError(f"evaluate_grouped: task {task.kind!r} does not score several datasets in one pass")
+    device = device or torch.device("cpu")
+    set_eval(model)
+    x = torch.cat([d.x for d in datasets])
+    y = torch.cat([d.y for d in datasets])
+    outputs = []
+    for start in range(0, int(y.shape[0]), batch_size):
+        out = model(x[start : start + batch_size].to(device))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"evaluate_grouped: the model returned {type(out).__name__}; allowed: one tensor")
+        outputs.append(out)
+    if not outputs:
+        return [empty_metrics(task.primary) for _ in datasets]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return task.split_metrics(output, y.to(device), [len(d) for d in datasets])
 
 
 #: what a client can be asked about the model it would receive, without training it
@@ -300,7 +376,7 @@ def probe_model(
     model.zero_grad(set_to_none=True)
     total = data.task.scored(data.y) if len(data) else 0
     with torch.enable_grad():
-        for x, y in data.batches(256, generator=eval_order()):
+        for x, y in data.batches(256, order=eval_permutation(len(data))):
             scored = data.task.scored(y)
             if scored == 0:
                 continue
