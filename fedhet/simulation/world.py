@@ -34,7 +34,6 @@ SIZE_KEYS = ("width", "depth", "density")
 Job = tuple[int, ClientTask, ClientInfo, dict[str, Any]]
 
 
-
 @dataclass
 class ClientWorld:
     dataset: FederatedDataset
