@@ -13,7 +13,7 @@ FedAvg family subclass this one and change only a loss term or the server update
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -120,7 +120,7 @@ class FedAvg(Algorithm[ServerState]):
         model = ctx.build_model(task.config)
         load_params(model, task.params)
         # θ_g as received (load_params copied it into the model, so the model never aliases it)
-        anchor = {n: task.params[n].to(ctx.device) for n, _ in model.named_parameters()}
+        anchor = Anchor(task.params, model, ctx.device)
         stats = train(
             model,
             ctx.train,
@@ -158,3 +158,30 @@ class FedAvg(Algorithm[ServerState]):
         self, task: ClientTask, ctx: ClientContext, model: nn.Module, anchor: Mapping[str, torch.Tensor]
     ) -> None:
         """Client-side bookkeeping after local training (none for FedAvg)."""
+
+
+class Anchor(Mapping[str, torch.Tensor]):
+    """θ_g as received, for each trainable parameter of ``model`` (by name), on ``device``: the
+    anchor of FedProx's and FedDyn's terms. Built on first use, so that FedAvg, which never reads
+    it, does not walk the model's parameters for every client; it reads the received ``params``,
+    never the model's values, so when it is built does not change what it holds."""
+
+    __slots__ = ("_params", "_model", "_device", "_table")
+
+    def __init__(self, params: Mapping[str, torch.Tensor], model: nn.Module, device: torch.device) -> None:
+        self._params, self._model, self._device = params, model, device
+        self._table: dict[str, torch.Tensor] | None = None
+
+    def _built(self) -> dict[str, torch.Tensor]:
+        if self._table is None:
+            self._table = {n: self._params[n].to(self._device) for n, _ in self._model.named_parameters()}
+        return self._table
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._built()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())

@@ -27,6 +27,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+#: encodes a row that holds no NaN or infinity; one that does raises, and is cleaned first
+_FINITE = json.JSONEncoder(allow_nan=False)
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """One JSON line for ``row``, non-finite floats written as null (JSON has no NaN): thousands of
+    client rows a round are encoded as they are, and only a row that holds one is cleaned."""
+    try:
+        return _FINITE.encode(row) + "\n"
+    except ValueError:
+        return json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
+
+
 DATASET = "dataset.json"
 #: each client's device profile and capacity, and each size's needs (runs with device profiles)
 DEVICES = "devices.json"
@@ -121,7 +134,7 @@ class RunLog:
         row = {k: _clean(v) for k, v in row.items()}
         if clients:
             with open(self.dir / CLIENTS, "a") as f:
-                f.write("".join(json.dumps({k: _clean(v) for k, v in c.items()}) + "\n" for c in clients))
+                f.write("".join(_json_line(c) for c in clients))
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.rows.append(row)

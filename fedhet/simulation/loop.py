@@ -104,19 +104,32 @@ def _cost(run: Run, config: Config) -> ModelCost:
     return run._costs[key]
 
 
-def demand(run: Run, task: ClientTask, info: ClientInfo) -> Demand:
+def demand(run: Run, task: ClientTask, info: ClientInfo, sizes: dict[tuple[int, int], tuple[int, int]] | None = None) -> Demand:
     """What a client's round asks of its device on the clock: the task's bytes down; the same
     parameters back up (their quantized size with ``communication.levels``); and 3x the forward
     FLOPs of the task's model per example, over the examples its local training covers (``epochs``
-    passes over its data, at most ``max_steps`` batches)."""
+    passes over its data, at most ``max_steps`` batches). ``sizes``: see :func:`transfer_bytes`."""
+    down, up = transfer_bytes(run, task, sizes)
+    flops = TRAIN_FLOPS_FACTOR * _cost(run, task.config).flops_per_sample * expected_examples(info.num_train, run.algorithm.local)
+    return Demand(float(down), float(flops), float(up))
+
+
+def transfer_bytes(run: Run, task: ClientTask, sizes: dict[tuple[int, int], tuple[int, int]] | None = None) -> tuple[int, int]:
+    """A task's bytes down and its result's bytes up (quantized with ``communication.levels``).
+    ``sizes`` keeps them by the task's parameter dicts for one round: thousands of clients sent
+    the very same dicts are sized once."""
+    key = (id(task.params), id(task.extras) if task.extras else 0)  # each task may have its own empty extras
+    if sizes is not None and key in sizes:
+        return sizes[key]
     down = params_nbytes(task.params) + params_nbytes(task.extras)
     levels = run.world.upload_levels
     if levels is None:
         up = params_nbytes(task.params)
     else:
         up = sum(encoded_nbytes(v.numel(), levels) if v.is_floating_point() else v.numel() * v.element_size() for v in task.params.values())
-    flops = TRAIN_FLOPS_FACTOR * _cost(run, task.config).flops_per_sample * expected_examples(info.num_train, run.algorithm.local)
-    return Demand(float(down), float(flops), float(up))
+    if sizes is not None:
+        sizes[key] = (down, up)
+    return down, up
 
 
 def _wait_for_online(run: Run, rnd: int, now: float, eligible: list[ClientInfo]) -> tuple[float, list[ClientInfo]]:
@@ -376,10 +389,11 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             reporting = [cid for cid in selected if cid not in weak and not run.fleet.dropped(cid, rnd)]
             tasks = alg.configure(state, rnd, [by_id[c] for c in selected if c not in weak])
             live = {cid: tasks[cid] for cid in reporting if cid in tasks}
+            sizes: dict[tuple[int, int], tuple[int, int]] = {}  # this round's tasks' bytes, by their dicts
             plan: RoundPlan | None = None
             late_outcome = None
             if run.clock is not None:
-                plan = run.clock.plan(rnd, now, {cid: demand(run, t, by_id[cid]) for cid, t in live.items()})
+                plan = run.clock.plan(rnd, now, {cid: demand(run, t, by_id[cid], sizes) for cid, t in live.items()})
                 late = {cid: live[cid] for cid in plan.stragglers}
                 live = {cid: live[cid] for cid in plan.on_time}
                 if late:  # stragglers train (their devices' state moves on); their updates are never aggregated
@@ -404,7 +418,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
                 cost = _cost(run, task.config) if task is not None else None
                 crow: dict[str, Any] = {"round": rnd, "client": cid, "tier": by_id[cid].tier}
                 if task is not None:
-                    crow["bytes_down"] = params_nbytes(task.params) + params_nbytes(task.extras)
+                    crow["bytes_down"] = transfer_bytes(run, task, sizes)[0]
                 if cost is not None:
                     crow.update(params=cost.params, flops_per_sample=cost.flops_per_sample)
                 if plan is not None and cid in plan.costs:

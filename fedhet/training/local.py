@@ -149,7 +149,7 @@ def train(
     start = time.perf_counter()
     loss_fn = loss_fn or data.task.loss
     device = device or torch.device("cpu")
-    model.train()
+    set_train(model)
     params = list(parameters) if parameters is not None else list(model.parameters())
     # Plain SGD on the CPU: the step torch.optim.SGD takes there (its single-tensor path,
     # param.add_(grad, alpha=-lr) for each parameter with a gradient), without building an optimizer
@@ -237,6 +237,16 @@ def set_eval(model: nn.Module) -> None:
     every module's ``__setattr__``; a model reused across clients is already in eval mode)."""
     if any(m.training for m in model.modules()):
         model.eval()
+
+
+def set_train(model: nn.Module) -> None:
+    """``model.train()`` unless every module is in training mode already and none changes what
+    ``train()`` does (a model reused across clients that train is in training mode)."""
+    if not all(m.training and type(m).train is _MODULE_TRAIN for m in model.modules()):
+        model.train()
+
+
+_MODULE_TRAIN = nn.Module.train
 
 
 @torch.no_grad()

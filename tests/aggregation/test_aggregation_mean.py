@@ -129,3 +129,59 @@ def test_merge_does_not_alias_the_other_accumulator():
 
 def test_empty_keeps_the_weighting():
     assert WeightedSum("uniform").empty().weighting == "uniform"
+
+
+def test_sums_by_hand_whatever_the_order_of_the_names():
+    acc = WeightedSum()
+    acc.add_params({"a": torch.tensor([1.5, -2.0]), "b": torch.tensor([4.0])}, 2.0)
+    # the same names in another order: each is added to its own sum
+    acc.add_params({"b": torch.tensor([0.25]), "a": torch.tensor([0.5, 1.0])}, 3.0)
+    # a: 2*1.5 + 3*0.5 = 4.5, 2*(-2) + 3*1 = -1 ; b: 2*4 + 3*0.25 = 8.75
+    assert torch.equal(acc.sums["a"], torch.tensor([4.5, -1.0], dtype=torch.float64))
+    assert torch.equal(acc.sums["b"], torch.tensor([8.75], dtype=torch.float64))
+    assert list(acc.sums) == ["a", "b"] and acc.total == 5.0 and acc.count == 2
+
+
+def test_sums_take_the_per_tensor_arithmetic_bit_for_bit():
+    # the one-call paths (every name new, or every name already summed) against adding each tensor
+    # on its own, as float64(weight * value) + ... in client order
+    g = torch.Generator().manual_seed(3)
+    clients = [({"w": torch.randn(5, 7, generator=g), "b": torch.randn(7, generator=g), "n": torch.tensor(n)}, float(n)) for n in (3, 11, 1, 250)]
+    acc = WeightedSum()
+    expected: dict[str, torch.Tensor] = {}
+    for params, weight in clients:
+        acc.add_params(params, weight)
+        for name, value in params.items():
+            if name in expected:
+                expected[name].add_(value, alpha=weight)
+            else:
+                expected[name] = value.to(torch.float64).mul_(weight)
+    for name in expected:
+        assert torch.equal(acc.sums[name], expected[name]), name
+    other = WeightedSum()
+    other.add_params(clients[0][0], 1.0)
+    before = {k: v.clone() for k, v in acc.sums.items()}
+    acc.merge(other)
+    for name in expected:
+        assert torch.equal(acc.sums[name], before[name] + other.sums[name]), name
+
+
+def test_new_and_missing_names_are_summed_one_by_one():
+    acc = WeightedSum()
+    acc.add_params({"a": torch.tensor([1.0])}, 1.0)
+    acc.add_params({"a": torch.tensor([2.0]), "b": torch.tensor([3.0])}, 2.0)  # b is new
+    acc.add_params({"b": torch.tensor([1.0])}, 1.0)  # a is missing
+    assert torch.equal(acc.sums["a"], torch.tensor([5.0], dtype=torch.float64))
+    assert torch.equal(acc.sums["b"], torch.tensor([7.0], dtype=torch.float64))
+    other = WeightedSum()
+    other.add_params({"c": torch.tensor([1.0])}, 1.0)
+    acc.merge(other)
+    assert sorted(acc.sums) == ["a", "b", "c"] and torch.equal(acc.sums["c"], torch.tensor([1.0], dtype=torch.float64))
+
+
+def test_a_float64_value_is_copied_not_scaled_in_place():
+    value = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    acc = WeightedSum()
+    acc.add_params({"x": value}, 3.0)
+    assert torch.equal(value, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(acc.sums["x"], torch.tensor([3.0, 6.0], dtype=torch.float64))

@@ -188,3 +188,18 @@ def _client_rows(run_dir):
     import json
 
     return [json.loads(line) for line in (run_dir / "clients.jsonl").read_text().splitlines()]
+
+
+def test_the_anchor_is_the_received_parameters_built_on_first_use():
+    from fedhet.algorithms.fedavg import Anchor
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    received = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    anchor = Anchor(received, model, torch.device("cpu"))
+    assert anchor._table is None  # nothing walked yet
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training moves the model, never the anchor
+    assert list(anchor) == ["0.weight", "0.bias", "1.weight", "1.bias"]  # parameters only, no buffers
+    assert len(anchor) == 4 and anchor["0.bias"] is received["0.bias"]
+    assert dict(anchor) == {n: received[n] for n, _ in model.named_parameters()}

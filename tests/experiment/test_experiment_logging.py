@@ -23,6 +23,17 @@ def test_log_round_writes_jsonl_csv_and_clients(tmp_path):
     assert log.rows == read_jsonl(tmp_path / METRICS)
 
 
+def test_client_rows_are_written_as_json_dumps_writes_them(tmp_path):
+    rows = [
+        {"round": 1, "client": 3, "train_loss": 0.1 + 0.2, "tier": "w0.5", "ok": True, "none": None},
+        {"round": 1, "client": 4, "train_loss": -math.inf, "nested": [1.0, 2]},
+    ]
+    RunLog(tmp_path).log_round({"round": 1}, rows)
+    lines = (tmp_path / CLIENTS).read_text().splitlines()
+    assert lines[0] == json.dumps(rows[0])  # a finite row as it is
+    assert lines[1] == json.dumps({**rows[1], "train_loss": None})  # a non-finite value as null
+
+
 def test_resume_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     (tmp_path / METRICS).write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)) + '{"round": 4, "lo')
     (tmp_path / CLIENTS).write_text("".join(json.dumps({"round": r, "client": 0}) + "\n" for r in (1, 2, 3)))

@@ -1,6 +1,7 @@
 """fedhet.training.local: the one local loop (steps, lr schedule, determinism) and evaluate()."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -285,3 +286,49 @@ def test_plain_sgd_takes_torchs_sgd_step_bit_for_bit() -> None:
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
     assert not torch.equal(model[2].weight, before)  # it trained
+
+
+def test_train_puts_every_module_in_training_mode_and_respects_a_custom_train():
+    from fedhet.training.local import set_train
+
+    model = nn.Sequential(nn.Linear(1, 1), nn.Dropout(0.5))
+    model.eval()
+    model[0].train()  # one module in training mode, one not
+    train(model, _regression(4), LocalTraining(epochs=1, batch_size=4, lr=0.1), torch.Generator().manual_seed(0))
+    assert all(m.training for m in model.modules())
+
+    class FrozenNorm(nn.Module):  # keeps its norm in eval mode whenever it is set to train
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(1)
+            self.calls = 0
+
+        def train(self, mode: bool = True) -> "FrozenNorm":
+            self.calls += 1
+            super().train(mode)
+            self.norm.eval()
+            return self
+
+    frozen = FrozenNorm()
+    frozen.calls = 0
+    set_train(frozen)
+    set_train(frozen)
+    assert frozen.calls == 2 and not frozen.norm.training  # its train() runs every time
+
+    class Odd(nn.Linear):  # every module in training mode, but train() is its own
+        def train(self, mode: bool = True) -> "Odd":
+            self.seen = getattr(self, "seen", 0) + 1
+            return super().train(mode)
+
+    odd = Odd(1, 1)
+    set_train(odd)
+    assert odd.seen == 1
+    plain = nn.Linear(1, 1)
+    with mock.patch.object(plain, "train", wraps=plain.train) as spy:
+        set_train(plain)  # already in training mode: nothing to set
+        assert spy.call_count == 0
+        plain.eval()  # (eval() is train(False))
+        spy.reset_mock()
+        set_train(plain)
+        spy.assert_called_once_with()
+    assert plain.training
