@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -26,9 +27,24 @@ class WeightedSum(KeepsUpdates):
         self.weighting = weighting
         self.rule = rule if rule is not None and rule.active else None
         self.kept: dict[int, robust.ClientUpdate] = {}
-        self.sums: dict[str, torch.Tensor] = {}
+        # The sums live in one flat float64 buffer (``_flat``: the names ``_names`` of shapes
+        # ``_shapes`` one after another) while every update had the same names in the same order and
+        # one dtype: adding an update or merging a partial sum is then one tensor operation, not
+        # one per tensor. ``sums`` are views of it, made when asked for. Otherwise ``_sums`` holds them.
+        self._sums: dict[str, torch.Tensor] | None = {}
+        self._flat: torch.Tensor | None = None
+        self._names: tuple[str, ...] = ()
+        self._shapes: list[torch.Size] = []
         self.total = 0.0
         self.count = 0
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Σ_k w_k θ_k by name, in float64."""
+        if self._sums is None:
+            assert self._flat is not None
+            self._sums = dict(zip(self._names, (part.view(shape) for part, shape in zip(self._flat.split([s.numel() for s in self._shapes]), self._shapes))))
+        return self._sums
 
     def empty(self) -> WeightedSum:
         return WeightedSum(self.weighting, self.rule)
@@ -41,31 +57,25 @@ class WeightedSum(KeepsUpdates):
                 self.count -= 1
 
     def add_params(self, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        # weight * value is exact in float64 (integer weights, float32 values): one rounding. The
-        # tensors go through one foreach call where the names are those already summed (or none
-        # are): on the CPU the same kernel per tensor, without a Python call for each.
-        values = [v.detach().cpu() for v in params.values()]
-        if values and self.sums.keys() == params.keys():
-            torch._foreach_add_(list(self.sums.values()), [values[i] for i in self._order(params)], alpha=weight)
-        elif values and not self.sums:
-            new = [v.to(torch.float64, copy=True) for v in values]  # a copy even of float64 values
-            torch._foreach_mul_(new, weight)
-            self.sums = dict(zip(params, new))
+        # weight * value is exact in float64 (integer weights, float32 values): one rounding, so an
+        # element's sum is the same whether it is added on its own, in a vector or a fused
+        # multiply-add, and the flat buffer holds the bits the tensors would hold one by one.
+        values = [v if v.is_cpu and not v.requires_grad else v.detach().cpu() for v in params.values()]
+        if self._flat is not None and self._names == tuple(params) and _one_dtype(values):
+            self._flat.add_(_flatten(values), alpha=weight)
+        elif self._flat is None and not self._sums and values and _one_dtype(values):
+            self._flat = _flatten(values).to(torch.float64, copy=True).mul_(weight)  # a copy even of float64 values
+            self._names, self._shapes, self._sums = tuple(params), [v.shape for v in values], None
         else:
+            sums = self.sums
             for name, value in zip(params, values):
-                if name in self.sums:
-                    self.sums[name].add_(value, alpha=weight)
+                if name in sums:
+                    sums[name].add_(value, alpha=weight)  # in place: a view of the buffer stays one
                 else:
-                    self.sums[name] = value.to(torch.float64, copy=True).mul_(weight)
+                    sums[name] = value.to(torch.float64, copy=True).mul_(weight)
+                    self._flat = None  # the buffer no longer holds every sum
         self.total += weight
         self.count += 1
-
-    def _order(self, params: Mapping[str, torch.Tensor]) -> range | list[int]:
-        """Where each summed name is in ``params`` (which holds the same names)."""
-        if all(a == b for a, b in zip(self.sums, params)):
-            return range(len(params))
-        position = {name: i for i, name in enumerate(params)}
-        return [position[name] for name in self.sums]
 
     def add(self, cid: int, task: ClientTask, result: ClientResult) -> None:
         weight = float(result.num_examples) if self.weighting == "examples" else 1.0
@@ -79,27 +89,35 @@ class WeightedSum(KeepsUpdates):
     def merge(self, other: Accumulator) -> None:
         assert isinstance(other, WeightedSum) and other.weighting == self.weighting
         self.kept.update(other.kept)
-        if self.sums.keys() == other.sums.keys():
-            if self.sums:
-                torch._foreach_add_(list(self.sums.values()), [other.sums[name] for name in self.sums])
+        if self._flat is not None and other._flat is not None and self._names == other._names and self._shapes == other._shapes:
+            self._flat += other._flat
         else:
+            sums = self.sums
             for name, value in other.sums.items():
-                if name in self.sums:
-                    self.sums[name] += value
+                if name in sums:
+                    sums[name] += value
                 else:
-                    self.sums[name] = value.clone()
+                    sums[name] = value.clone()
+                    self._flat = None
         self.total += other.total
         self.count += other.count
 
     def absorb(self, other: Accumulator) -> None:
         assert isinstance(other, WeightedSum) and other.weighting == self.weighting
-        if self.sums or self.kept or self.count:
+        if self._flat is not None or self._sums or self.kept or self.count:
             self.merge(other)
             return
         # nothing here yet: the sums are other's, not float64 copies of them (the round's root)
-        self.sums, self.kept = dict(other.sums), dict(other.kept)
-        self.total, self.count = other.total, other.count
-        other.sums, other.kept = {}, {}
+        self._sums = None if other._sums is None else dict(other._sums)
+        self._flat, self._names, self._shapes = other._flat, other._names, other._shapes
+        self.kept, self.total, self.count = dict(other.kept), other.total, other.count
+        other._sums, other._flat, other.kept = {}, None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._flat is not None:
+            state["_sums"] = None  # the buffer travels once, not also as each of its views
+        return state
 
     def mean(self, reference: Mapping[str, torch.Tensor]) -> Params:
         """The weighted mean, cast to each reference tensor's dtype and device.
@@ -120,6 +138,15 @@ class WeightedSum(KeepsUpdates):
                 avg = torch.round(avg)
             out[name] = avg.to(dtype=ref.dtype, device=ref.device)
         return out
+
+
+def _one_dtype(values: Sequence[torch.Tensor]) -> bool:
+    return all(v.dtype == values[0].dtype for v in values)
+
+
+def _flatten(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The values one after another in one new 1-D tensor (of their one dtype)."""
+    return torch.cat([v.reshape(-1) for v in values])
 
 
 def weighted_mean(params: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Params:

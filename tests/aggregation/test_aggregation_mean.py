@@ -185,3 +185,27 @@ def test_a_float64_value_is_copied_not_scaled_in_place():
     acc.add_params({"x": value}, 3.0)
     assert torch.equal(value, torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert torch.equal(acc.sums["x"], torch.tensor([3.0, 6.0], dtype=torch.float64))
+
+
+def test_the_sums_are_views_of_one_buffer_that_travels_once():
+    import pickle
+
+    from fedhet.simulation import wire
+
+    acc = WeightedSum()
+    acc.add_params({"w": torch.ones(100, 50), "b": torch.full((50,), 2.0)}, 3.0)
+    acc.add_params({"w": torch.ones(100, 50), "b": torch.full((50,), 2.0)}, 1.0)
+    assert acc._flat is not None and all(t.untyped_storage().data_ptr() == acc._flat.untyped_storage().data_ptr() for t in acc.sums.values())
+    for blob in (wire.dumps(acc), pickle.dumps(acc)):
+        assert len(blob) < 1.2 * 5050 * 8  # the float64 buffer once, not also each view
+    back = pickle.loads(wire.dumps(acc))
+    for got in (back, pickle.loads(pickle.dumps(acc))):
+        assert torch.equal(got.sums["w"], torch.full((100, 50), 4.0, dtype=torch.float64))
+        assert torch.equal(got.sums["b"], torch.full((50,), 8.0, dtype=torch.float64))
+        got.add_params({"w": torch.ones(100, 50), "b": torch.ones(50)}, 1.0)  # still one buffer
+        assert got._flat is not None and float(got._flat.sum()) == 5000 * 5.0 + 50 * 9.0
+    root = WeightedSum()
+    root.absorb(acc)  # the round's root takes the buffer itself
+    assert root._flat is not None and acc._flat is None and root.count == 2
+    root.merge(back)
+    assert float(root.sums["b"][0]) == 8.0 + 9.0
