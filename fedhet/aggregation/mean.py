@@ -13,6 +13,10 @@ from fedhet.core.messages import ClientResult, ClientTask
 from fedhet.core.types import Params
 
 WEIGHTINGS = ("examples", "uniform")
+#: the most elements a model's sums hold in one flat buffer: adding an update to it flattens the
+#: update first (a float32 copy, 4 MB at this size), which pays for itself where a model's many
+#: small tensors each cost a tensor operation, not for a large model with a few large ones
+FLAT_LIMIT = 1 << 20
 
 
 class WeightedSum(KeepsUpdates):
@@ -27,10 +31,11 @@ class WeightedSum(KeepsUpdates):
         self.weighting = weighting
         self.rule = rule if rule is not None and rule.active else None
         self.kept: dict[int, robust.ClientUpdate] = {}
-        # The sums live in one flat float64 buffer (``_flat``: the names ``_names`` of shapes
-        # ``_shapes`` one after another) while every update had the same names in the same order and
-        # one dtype: adding an update or merging a partial sum is then one tensor operation, not
-        # one per tensor. ``sums`` are views of it, made when asked for. Otherwise ``_sums`` holds them.
+        # The sums of a small model (at most FLAT_LIMIT elements) live in one flat float64 buffer
+        # (``_flat``: the names ``_names`` of shapes ``_shapes`` one after another) while every
+        # update had the same names in the same order and one dtype: adding an update or merging a
+        # partial sum is then one tensor operation, not one per tensor. ``sums`` are views of it,
+        # made when asked for. Otherwise ``_sums`` holds them.
         self._sums: dict[str, torch.Tensor] | None = {}
         self._flat: torch.Tensor | None = None
         self._names: tuple[str, ...] = ()
@@ -61,9 +66,9 @@ class WeightedSum(KeepsUpdates):
         # element's sum is the same whether it is added on its own, in a vector or a fused
         # multiply-add, and the flat buffer holds the bits the tensors would hold one by one.
         values = [v if v.is_cpu and not v.requires_grad else v.detach().cpu() for v in params.values()]
-        if self._flat is not None and self._names == tuple(params) and _one_dtype(values):
+        if self._flat is not None and self._names == tuple(params) and self._shapes == [v.shape for v in values] and _one_dtype(values):
             self._flat.add_(_flatten(values), alpha=weight)
-        elif self._flat is None and not self._sums and values and _one_dtype(values):
+        elif self._flat is None and not self._sums and values and _one_dtype(values) and sum(v.numel() for v in values) <= FLAT_LIMIT:
             self._flat = _flatten(values).to(torch.float64, copy=True).mul_(weight)  # a copy even of float64 values
             self._names, self._shapes, self._sums = tuple(params), [v.shape for v in values], None
         else:

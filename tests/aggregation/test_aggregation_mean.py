@@ -209,3 +209,27 @@ def test_the_sums_are_views_of_one_buffer_that_travels_once():
     assert root._flat is not None and acc._flat is None and root.count == 2
     root.merge(back)
     assert float(root.sums["b"][0]) == 8.0 + 9.0
+
+
+def test_a_value_of_another_shape_is_refused_even_with_as_many_elements():
+    acc = WeightedSum()
+    acc.add_params({"w": torch.ones(2, 3)}, 1.0)
+    with pytest.raises(RuntimeError):
+        acc.add_params({"w": torch.ones(3, 2)}, 1.0)  # 6 elements too: never added as if it fit
+
+
+def test_a_large_model_is_summed_tensor_by_tensor_with_the_same_bits(monkeypatch):
+    from fedhet.aggregation import mean
+
+    g = torch.Generator().manual_seed(5)
+    updates = [({"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}, float(n)) for n in (7, 2, 30)]
+    flat = WeightedSum()
+    for params, weight in updates:
+        flat.add_params(params, weight)
+    monkeypatch.setattr(mean, "FLAT_LIMIT", 34)  # the model has 35 elements: over the limit
+    split = WeightedSum()
+    for params, weight in updates:
+        split.add_params(params, weight)
+    assert flat._flat is not None and split._flat is None
+    for name in ("w", "b"):
+        assert torch.equal(flat.sums[name], split.sums[name])
