@@ -142,11 +142,15 @@ def test_sums_by_hand_whatever_the_order_of_the_names():
     assert list(acc.sums) == ["a", "b"] and acc.total == 5.0 and acc.count == 2
 
 
-def test_sums_take_the_per_tensor_arithmetic_bit_for_bit():
-    # the one-call paths (every name new, or every name already summed) against adding each tensor
-    # on its own, as float64(weight * value) + ... in client order
+@pytest.mark.parametrize("with_count", [False, True])
+def test_sums_take_the_per_tensor_arithmetic_bit_for_bit(with_count):
+    # the flat buffer (one dtype) and the per-tensor sums (an int64 count among float32 values)
+    # against adding each tensor on its own, as float64(weight * value) + ... in client order
     g = torch.Generator().manual_seed(3)
-    clients = [({"w": torch.randn(5, 7, generator=g), "b": torch.randn(7, generator=g), "n": torch.tensor(n)}, float(n)) for n in (3, 11, 1, 250)]
+    clients = [
+        ({"w": torch.randn(5, 7, generator=g), "b": torch.randn(7, generator=g), **({"n": torch.tensor(n)} if with_count else {})}, float(n))
+        for n in (3, 11, 1, 250)
+    ]
     acc = WeightedSum()
     expected: dict[str, torch.Tensor] = {}
     for params, weight in clients:
@@ -156,6 +160,7 @@ def test_sums_take_the_per_tensor_arithmetic_bit_for_bit():
                 expected[name].add_(value, alpha=weight)
             else:
                 expected[name] = value.to(torch.float64).mul_(weight)
+    assert (acc._flat is None) == with_count
     for name in expected:
         assert torch.equal(acc.sums[name], expected[name]), name
     other = WeightedSum()
