@@ -263,7 +263,7 @@ def evaluate_round(
 def init_state(run: Run) -> Any:
     infos = run.fleet.infos(1)
     config = run.fleet.global_size.as_config()
-    params = {k: v.clone() for k, v in run.world.initial_params(config).items()}
+    params = run.world.fresh_params(config)
     setup = ServerSetup(
         params=params,
         trainable=trainable_names(run.world.build_model(config)),
@@ -272,7 +272,7 @@ def init_state(run: Run) -> Any:
         generator=rng.generator(run.seed, "server_init"),
         build_model=run.world.build_model,
         sizes=run.fleet.sizes,
-        initial_params=run.world.initial_params,
+        initial_params=run.world.fresh_params,
         rounds=run.rounds,
     )
     try:

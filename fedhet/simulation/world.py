@@ -121,7 +121,6 @@ class ClientWorld:
         model = self._models.get(key)
         if model is None:
             model = self._models[key] = self._new_model(config)
-            self._initial.setdefault(key, {k: v.cpu() for k, v in model_params(model).items()})
         return model
 
     def rows_independent(self, config: Config) -> bool:
@@ -132,11 +131,21 @@ class ClientWorld:
         return self._rowwise[key]
 
     def initial_params(self, config: Config) -> Params:
-        """The seeded initial parameters of a model of ``config`` (the same in every process)."""
+        """The seeded initial parameters of a model of ``config`` (the same in every process), kept
+        for the clients that start from them (personal models, masks): read-only."""
         key = config_key(config)
         if key not in self._initial:
-            self._initial[key] = {k: v.cpu() for k, v in model_params(self._new_model(config)).items()}
+            self._initial[key] = self.fresh_params(config)
         return self._initial[key]
+
+    def fresh_params(self, config: Config) -> Params:
+        """A new copy of the seeded initial parameters of a model of ``config``, not kept: the server
+        sets up its global model once, and an algorithm whose clients never ask for them (FedAvg and
+        its family) then holds no copy of the initial model for the whole run (in every worker)."""
+        key = config_key(config)
+        if key in self._initial:
+            return {k: v.clone() for k, v in self._initial[key].items()}
+        return {k: v.cpu() for k, v in model_params(self._new_model(config)).items()}
 
     def context(self, info: ClientInfo, rnd: int, store: dict[str, Any], stream: str = "train") -> ClientContext:
         cid = info.id

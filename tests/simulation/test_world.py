@@ -51,3 +51,21 @@ def test_ensemble_names_map_between_slots_and_global_bases():
     assert list(first_bases({"bases.0.a": 0, "bases.3.a": 1}, 2)) == ["bases.0.a"]
     with pytest.raises(KeyError, match="not an entry of an ensemble"):
         base_id("body.0.weight")
+
+
+def test_initial_parameters_are_kept_only_when_clients_ask_for_them(world):
+    from fedhet.core.types import config_key
+
+    config = {"width": 0.5, "depth": None, "density": 1.0}
+    model = world.build_model(config)
+    fresh = world.fresh_params(config)
+    assert config_key(config) not in world._initial  # building a model or a fresh copy keeps nothing
+    assert all(torch.equal(fresh[k], v) for k, v in model.state_dict().items())  # not yet trained: the same draw
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a client trains the reused model
+    kept = world.initial_params(config)
+    assert all(torch.equal(kept[k], fresh[k]) for k in fresh) and world.initial_params(config) is kept
+    assert config_key(config) in world._initial
+    again = world.fresh_params(config)
+    assert all(torch.equal(again[k], kept[k]) and again[k] is not kept[k] for k in kept)  # a copy of the kept one
