@@ -31,7 +31,7 @@ from torch import nn
 
 from fedhet.aggregation.base import Accumulator
 from fedhet.algorithms import register
-from fedhet.algorithms.fedavg import server_step
+from fedhet.algorithms.fedavg import Anchor, server_step
 from fedhet.algorithms.feddyn import dyn_server, dyn_terms, dyn_update
 from fedhet.algorithms.heterofl import HeteroFL, SubmodelState
 from fedhet.core.algorithm import ClientStatistics, ServerSetup, load_params, model_params, trainable_names
@@ -205,7 +205,7 @@ class DepthFL(HeteroFL):
     def local_update(self, task: ClientTask, ctx: ClientContext) -> ClientResult:
         model = ctx.build_model(task.config)
         load_params(model, task.params)
-        anchor = {n: task.params[n].to(ctx.device) for n, _ in model.named_parameters()}
+        anchor = Anchor(task.params, model, ctx.device)  # read only with FedDyn
         terms = dyn_terms(ctx.store, self.alpha, anchor, ctx.device) if self.feddyn else []
         loss = ExitLoss(ctx.train.task, ramp_weight(task.round, self.kd_ramp) if self.kd else 0.0)
         stats = train(

@@ -69,8 +69,10 @@ class Task:
         """How many targets of a batch the loss averages over (examples; tokens for tagging)."""
         return int(y.shape[0])
 
-    #: whether :meth:`split_metrics` is defined (several clients' examples scored in one pass)
-    splits_metrics = False
+    @property
+    def splits_metrics(self) -> bool:
+        """Whether the task defines :meth:`split_metrics` (several clients' examples scored in one pass)."""
+        return type(self).split_metrics is not Task.split_metrics
 
     def split_metrics(self, output: torch.Tensor, target: torch.Tensor, sizes: Sequence[int]) -> list[dict[str, float]]:
         """The metrics of consecutive runs of ``sizes`` examples of one output (several clients'
@@ -134,8 +136,6 @@ class Classification(Task):
 
     def meter(self) -> Meter:
         return _ClassMeter(self.f1)
-
-    splits_metrics = True
 
     def split_metrics(self, output: torch.Tensor, target: torch.Tensor, sizes: Sequence[int]) -> list[dict[str, float]]:
         output = _logits(output)

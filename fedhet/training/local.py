@@ -232,18 +232,20 @@ def eval_permutation(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=eval_order())
 
 
+def set_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)`` unless every module is in that mode already and none changes what
+    ``train()`` does: setting the flag goes through every module's ``__setattr__``, and a model
+    reused across clients is usually in the mode it needs."""
+    if not all(m.training == training and type(m).train is _MODULE_TRAIN for m in model.modules()):
+        model.train(training)
+
+
 def set_eval(model: nn.Module) -> None:
-    """``model.eval()`` where any of its modules is in training mode (setting the flag goes through
-    every module's ``__setattr__``; a model reused across clients is already in eval mode)."""
-    if any(m.training for m in model.modules()):
-        model.eval()
+    set_mode(model, False)
 
 
 def set_train(model: nn.Module) -> None:
-    """``model.train()`` unless every module is in training mode already and none changes what
-    ``train()`` does (a model reused across clients that train is in training mode)."""
-    if not all(m.training and type(m).train is _MODULE_TRAIN for m in model.modules()):
-        model.train()
+    set_mode(model, True)
 
 
 _MODULE_TRAIN = nn.Module.train

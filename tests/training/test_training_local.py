@@ -289,7 +289,7 @@ def test_plain_sgd_takes_torchs_sgd_step_bit_for_bit() -> None:
 
 
 def test_train_puts_every_module_in_training_mode_and_respects_a_custom_train():
-    from fedhet.training.local import set_train
+    from fedhet.training.local import set_eval, set_train
 
     model = nn.Sequential(nn.Linear(1, 1), nn.Dropout(0.5))
     model.eval()
@@ -323,6 +323,9 @@ def test_train_puts_every_module_in_training_mode_and_respects_a_custom_train():
     odd = Odd(1, 1)
     set_train(odd)
     assert odd.seen == 1
+    odd.eval()
+    set_eval(odd)  # already in eval mode, but eval() goes through its own train() too
+    assert odd.seen == 3 and not odd.training
     plain = nn.Linear(1, 1)
     with mock.patch.object(plain, "train", wraps=plain.train) as spy:
         set_train(plain)  # already in training mode: nothing to set
@@ -330,5 +333,5 @@ def test_train_puts_every_module_in_training_mode_and_respects_a_custom_train():
         plain.eval()  # (eval() is train(False))
         spy.reset_mock()
         set_train(plain)
-        spy.assert_called_once_with()
+        spy.assert_called_once_with(True)
     assert plain.training
