@@ -1,7 +1,7 @@
 """FedAvg speed and memory: fedhet's executors against plain PyTorch baselines in the same setting.
 
 Workload: FedAvg's CNN (fedhet's ``cnn``: conv5x5-32, pool, conv5x5-64, pool, fc512, fc10) on
-CIFAR-10, iid clients, every client in every round, 1 local epoch, batch 32, SGD lr 0.05, 3 rounds
+CIFAR-10, iid clients, every client in every round, 1 local epoch, batch 32, SGD lr 0.05, 3 rounds (``--rounds``)
 (round 1 is warm-up and not timed). Two settings: 20 clients x 500 examples and 100 x 100.
 
 Cross-device workload (``--workload mlp``): many phones with few examples each, where per-client
@@ -991,6 +991,7 @@ def measure(config: str, setting: str, data: str | None) -> dict[str, Any]:
         env = dict(os.environ, **{_STAMP_FILE: os.path.join(tmp, "stamps"), _PHASE_FILE: phase})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
         cmd = [sys.executable, os.path.abspath(__file__), "--child", config, "--setting", setting, "--workload", WL.name]
+        cmd += ["--rounds", str(ROUNDS)]
         cmd += ["--data", data] if data else []
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         me_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -1081,6 +1082,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("FEDHET_DATA"), help="CIFAR-10 data root (default: $FEDHET_DATA)")
     parser.add_argument(
@@ -1094,6 +1096,9 @@ def main() -> None:
     )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=1, help="measure each configuration this many times (interleaved); the table keeps the fastest")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"rounds per measurement; the first is not timed (default {ROUNDS})"
+    )
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument(
         "--quiet-wait",
@@ -1111,6 +1116,9 @@ def main() -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
     use_workload(args.workload)
+    if args.rounds < 2:
+        raise SystemExit(f"--rounds: got {args.rounds}; allowed: >= 2 (the first round is not timed)")
+    ROUNDS = args.rounds
     if WL.name == "mlp":
         args.data = None  # the synthetic dataset needs none
     elif not args.data:

@@ -16,7 +16,7 @@ from fedhet.aggregation.base import Accumulator
 from fedhet.core.algorithm import Algorithm
 from fedhet.core.messages import ClientInfo, ClientTask
 from fedhet.core.types import Metrics
-from fedhet.simulation.reduce import Block, BlockFolder, aligned_blocks, combine
+from fedhet.simulation.reduce import Block, BlockFolder, combine, share_blocks
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.world import ClientOutcome, ClientWorld, Job, eval_groups, run_eval_group, run_probe, run_train
 
@@ -60,7 +60,7 @@ def train_share(
 ) -> tuple[RoundOutcome, dict[Block, Accumulator]]:
     """Train a contiguous share of the round's clients, the first being leaf ``lo`` of the round's
     canonical tree, back to back; each client's result is a leaf (nothing, when the client fails)
-    folded into the share's aligned blocks. Returns the share's metrics, upload sizes and failures
+    folded into the share's blocks of the tree. Returns the share's metrics, upload sizes and failures
     (its ``acc`` is unused) and its blocks."""
     outcomes = ((cid, task, run_train(algorithm, world, info, task, entry)) for cid, task, info, entry in jobs)
     return fold_share(outcomes, lo, template, store)
@@ -70,7 +70,7 @@ def fold_share(
     outcomes: Iterable[tuple[int, ClientTask, ClientOutcome]], lo: int, template: Accumulator, store: ClientStore | None
 ) -> tuple[RoundOutcome, dict[Block, Accumulator]]:
     """Fold the outcomes of a contiguous share of the round's clients (in client-id order, the first
-    being leaf ``lo`` of the canonical tree) into the share's aligned blocks; each is consumed as it
+    being leaf ``lo`` of the canonical tree) into the share's blocks of the tree; each is consumed as it
     comes, so an executor may compute them one by one (``train_share``) or receive them."""
     outcome = RoundOutcome(template)
     folder = BlockFolder(lo, template)
@@ -256,7 +256,7 @@ def failed_reply(request: tuple[Any, ...], reason: str) -> Any:
     if kind == "train":
         template, lo = request[2], request[3]
         part = RoundOutcome(template, failures=errors)
-        return part, {block: template.empty() for block in aligned_blocks(lo, lo + len(jobs))}, {}
+        return part, {block: template.empty() for block in share_blocks(lo, lo + len(jobs))}, {}
     return errors
 
 

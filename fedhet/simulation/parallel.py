@@ -11,9 +11,10 @@ example count, and every worker gets ONE message: the algorithm, an empty accumu
 Tasks that share one parameter dict (the global model) are pickled in that one message, so the
 global weights cross once per worker per round, not once per client. The worker runs its clients
 back to back with ``train_share`` (the code the sequential executor runs), which folds their
-results into the aligned blocks of the round's canonical tree (``fedhet.simulation.reduce``), and
-answers with ONE message: the share's metrics, its blocks (one partial sum when its share is an
-aligned block, at most 2 log2(n) otherwise) and the clients' new store entries. The main process
+results into the blocks of the round's canonical tree that the share covers
+(``fedhet.simulation.reduce``), and answers with ONE message: the share's metrics, its blocks (one
+partial sum when its share is a whole node of the tree, at most 4 per level otherwise) and the
+clients' new store entries. The main process
 combines every worker's blocks in the canonical order. The results are the same bits as
 ``SequentialExecutor``'s for any number of workers: client randomness is keyed by (seed, round,
 client id), each worker runs with one intra-op thread, and the grouping of the partial sums does not
