@@ -7,6 +7,8 @@ results in the canonical tree of ``fedhet.simulation.reduce``, whatever the numb
 from __future__ import annotations
 
 import bisect
+import ctypes
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,29 @@ EXECUTORS = {
     "parallel": "The round's clients in shares over long-lived worker processes on this machine, the same bits as sequential.",
     "ray": "The round's clients in shares over Ray actors, on this machine or a Ray cluster, the same bits as sequential.",
 }
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # a C library without it
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing where the C
+    library has no such call). A round's partial sums are float64 copies of the model that are freed
+    once combined; glibc serves them from its heap after the first few and keeps the freed pages,
+    so a process that receives or builds them every round keeps growing by about that much. Called
+    once a round by the parallel executor's workers and driver; for the CNN of docs/benchmarks.md a
+    call takes tens of milliseconds against rounds of seconds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -295,15 +320,18 @@ class ShardedExecutor(Executor):
         blocks: dict[Block, Accumulator] = {}
 
         def merge(w: int, reply: tuple[RoundOutcome, dict[Block, Accumulator], dict[int, dict[str, Any]]]) -> None:
-            part, share_blocks, stores = reply
+            part, part_blocks, stores = reply
             merge_share(outcome, part)
-            blocks.update(share_blocks)
+            blocks.update(part_blocks)
             saved.update(stores)
 
         self._call(requests, shares, merge)
         for cid in sorted(saved):
             self.store.put(cid, saved[cid])
-        return finish_round(outcome, blocks, len(cids))
+        finish_round(outcome, blocks, len(cids))
+        blocks.clear()  # the blocks merged away into others go now
+        release_free_memory()
+        return outcome
 
     def _gather(self, requests: dict[int, tuple[Any, ...]], shares: dict[int, list[int]], cids: list[int]) -> dict[int, Any]:
         merged: dict[int, Any] = {}

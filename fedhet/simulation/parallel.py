@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from fedhet.simulation.executors import ShardedExecutor, handle_request, split_clients
+from fedhet.simulation.executors import ShardedExecutor, handle_request, release_free_memory, split_clients
 from fedhet.simulation.store import ClientStore
 from fedhet.simulation.wire import TensorPickler
 from fedhet.simulation.world import ClientWorld
@@ -162,14 +162,16 @@ def _worker_main(
         if request is None:
             return
         try:
-            reply: Any = ("ok", handle_request(world, request))
-            message = _encode(reply)
+            message = _encode(("ok", handle_request(world, request)))
         except Exception:
             message = _encode(("error", traceback.format_exc()))
+        del request
         try:
             _write(conn, message)
         except OSError:
             return
+        del message  # the reply's tensors (the share's partial sums) go with it
+        release_free_memory()
 
 
 # ------------------------------------------------------------------------------------- main side

@@ -231,3 +231,36 @@ def test_a_run_resumed_on_another_executor_gives_the_bits_of_an_uninterrupted_on
     assert_same_tensors(straight_run.executor.store.snapshot(), again.executor.store.snapshot(), "store")
     assert len(again.executor.store.snapshot()) == 7  # FedDyn's per-client state crossed executors
     assert comparable(straight.history) == comparable(resumed.history)
+
+
+_HEAP_SCRIPT = """
+import ctypes
+from fedhet.simulation.executors import release_free_memory
+
+def rss_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+chunks = [libc.malloc(100_000) for _ in range(601)]  # below glibc's mmap threshold: on the heap
+for c in chunks:
+    ctypes.memset(c, 1, 100_000)
+for c in chunks[:-1]:  # the last stays, so they leave a hole in the heap rather than shorten it
+    libc.free(c)
+before = rss_mb()
+release_free_memory()
+print(before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="needs Linux with glibc")
+def test_release_free_memory_gives_a_freed_hole_in_the_heap_back() -> None:
+    """60 MB freed below a live allocation stay in the process until ``malloc_trim`` (which the
+    parallel executor's workers and driver call after every round)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], capture_output=True, text=True, check=True).stdout
+    before, after = map(float, out.split())
+    assert before - after > 40, (before, after)
