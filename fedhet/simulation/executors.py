@@ -47,8 +47,9 @@ def release_free_memory() -> None:
     library has no such call). A round's partial sums are float64 copies of the model that are freed
     once combined; glibc serves them from its heap after the first few and keeps the freed pages,
     so a process that receives or builds them every round keeps growing by about that much. Called
-    once a round by the parallel executor's workers and driver; for the CNN of docs/benchmarks.md a
-    call takes tens of milliseconds against rounds of seconds."""
+    once a round by the training loop (after aggregation) and by each parallel worker (after its
+    reply); for the CNN of docs/benchmarks.md a call takes tens of milliseconds against rounds of
+    seconds."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -328,10 +329,7 @@ class ShardedExecutor(Executor):
         self._call(requests, shares, merge)
         for cid in sorted(saved):
             self.store.put(cid, saved[cid])
-        finish_round(outcome, blocks, len(cids))
-        blocks.clear()  # the blocks merged away into others go now
-        release_free_memory()
-        return outcome
+        return finish_round(outcome, blocks, len(cids))
 
     def _gather(self, requests: dict[int, tuple[Any, ...]], shares: dict[int, list[int]], cids: list[int]) -> dict[int, Any]:
         merged: dict[int, Any] = {}

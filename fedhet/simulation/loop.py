@@ -40,7 +40,7 @@ from fedhet.experiment.config import ConfigError
 from fedhet.experiment.logging import DEVICES, Progress, RunLog
 from fedhet.models.cost import ModelCost, model_cost
 from fedhet.selection.base import ClientSelector
-from fedhet.simulation.executors import Executor, RoundOutcome
+from fedhet.simulation.executors import Executor, RoundOutcome, release_free_memory
 from fedhet.simulation.world import ClientWorld
 from fedhet.training.local import evaluate
 
@@ -402,6 +402,7 @@ def run_rounds(run: Run, resume: bool = False) -> RunResult:
             screen_round(run, rnd, outcome)
             state, agg_metrics = alg.aggregate(state, rnd, outcome.acc)
             outcome.acc = outcome.acc.empty()  # the round's sums (a float64 model or more) are spent
+            release_free_memory()  # ... and so are the partial sums it was combined from
             sel_state = run.selector.update(sel_state, rnd, outcome.metrics)
 
             row: dict[str, Any] = {"round": rnd, "selected": len(selected), "dropped": len(selected) - len(weak) - len(reporting)}
