@@ -922,7 +922,7 @@ def _kb(path: str, key: str) -> int | None:
 class MemoryWatch(threading.Thread):
     """Samples the process tree under ``pid`` every ``interval`` seconds: each process's VmHWM
     (kept at its last value, which only grows) and name, and the tree's summed PSS (kept at its
-    peak, overall and after ``phase`` exists)."""
+    peak, overall and after ``phase`` exists, with each process's share at that peak)."""
 
     def __init__(self, pid: int, phase: str, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -935,11 +935,15 @@ class MemoryWatch(threading.Thread):
         self.cpu: dict[int, float] = {}
         self.peak_pss = 0
         self.peak_pss_rounds = 0
+        #: each process's PSS (kB) when the tree's summed PSS peaked after ``phase`` (the measured
+        #: process first)
+        self.peak_pss_split: list[int] = []
         self.stop = threading.Event()
 
     def sample(self) -> None:
         rounds = os.path.exists(self.phase)
         pss_total = 0
+        split = []
         for p in _tree(self.pid):
             hwm = _kb(f"/proc/{p}/status", "VmHWM")
             if hwm is not None:
@@ -948,10 +952,12 @@ class MemoryWatch(threading.Thread):
             if name is not None:
                 self.names[p] = name
             self.cpu[p] = max(self.cpu.get(p, 0.0), process_cpu(p))
-            pss_total += _kb(f"/proc/{p}/smaps_rollup", "Pss") or 0
+            split.append(_kb(f"/proc/{p}/smaps_rollup", "Pss") or 0)
+            pss_total += split[-1]
         self.peak_pss = max(self.peak_pss, pss_total)
-        if rounds:
-            self.peak_pss_rounds = max(self.peak_pss_rounds, pss_total)
+        if rounds and pss_total > self.peak_pss_rounds:
+            self.peak_pss_rounds = pss_total
+            self.peak_pss_split = split
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -1019,6 +1025,7 @@ def measure(config: str, setting: str, data: str | None) -> dict[str, Any]:
     result["peak_rss_mb"] = result["self_hwm_rounds_mb"] + workers
     result["peak_rss_with_load_mb"] = max(result["self_hwm_load_mb"], result["self_hwm_rounds_mb"]) + workers
     result["peak_pss_mb"] = watch.peak_pss_rounds / 1024
+    result["peak_pss_split_mb"] = [kb / 1024 for kb in watch.peak_pss_split]
     timed = result["rounds_s"][1:]
     result["round_s"] = sum(timed) / len(timed)
     timed_cpu = result["rounds_cpu_s"][1:]
@@ -1158,7 +1165,8 @@ def main() -> None:
                 print(
                     f"{setting} {config} (run {repeat + 1}): rounds {[round(t, 2) for t in r['rounds_s']]} s, "
                     f"CPU {[round(t, 2) for t in r['rounds_cpu_s']]} s, first step {first}, "
-                    f"peak RSS {r['peak_rss_mb']:.0f} MB, peak PSS {r['peak_pss_mb']:.0f} MB, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB, peak PSS {r['peak_pss_mb']:.0f} MB "
+                    f"({' + '.join(f'{mb:.0f}' for mb in r['peak_pss_split_mb'])} by process), "
                     f"other load {r['other_load_cores']:.2f} cores{accuracy}\n  processes: {r['process_names']}",
                     flush=True,
                 )
