@@ -48,8 +48,7 @@ def release_free_memory() -> None:
     once combined; glibc serves them from its heap after the first few and keeps the freed pages,
     so a process that receives or builds them every round keeps growing by about that much. Called
     once a round by the training loop (after aggregation) and by each parallel worker (after its
-    reply); for the CNN of docs/benchmarks.md a call takes tens of milliseconds against rounds of
-    seconds."""
+    reply): a system call, and the next round faults the pages it touches back in."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

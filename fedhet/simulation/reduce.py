@@ -46,7 +46,7 @@ class _Open:
 
     __slots__ = ("start", "size", "span", "acc")
 
-    def __init__(self, start: int, size: int, span: int, acc: Any) -> None:
+    def __init__(self, start: int, size: int, span: int, acc: Accumulator) -> None:
         self.start, self.size, self.span, self.acc = start, size, span, acc
 
 
@@ -83,7 +83,7 @@ class BlockFolder:
         add(node)
         self._finished(k, 1, node)
 
-    def _finished(self, start: int, size: int, acc: Any) -> None:
+    def _finished(self, start: int, size: int, acc: Accumulator) -> None:
         while True:
             parent = size * self.fanout
             first = start - start % parent
